@@ -1,0 +1,233 @@
+"""MLflow model registry: versions of `mnist-cnn`, `challenger`/`champion` aliases, promotion.
+
+Promotion is one pure decision (`decide_promotion`) plus small adapters. Aliases, never the
+deprecated stages. A file lock serialises promotions against the embedded store so two racing
+promotions always leave exactly one champion, chosen on fresh data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.paths import project_root
+
+log = logging.getLogger("pipeline.registry")
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+CHAMPION_HISTORY_TAG = "champion_history"  # on the model: versions that held champion, oldest first
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    candidate_accuracy: float
+    champion_accuracy: float | None
+    margin: float
+
+    @property
+    def status(self) -> str:
+        return "promoted" if self.promote else "rejected"
+
+
+def decide_promotion(candidate_accuracy: float, champion_accuracy: float | None, margin: float) -> Decision:
+    """Promote when there is no champion, or the candidate beats it by at least `margin`."""
+    if champion_accuracy is None:
+        return Decision(True, "no champion yet", candidate_accuracy, None, margin)
+    gain = candidate_accuracy - champion_accuracy
+    if gain >= margin - 1e-12:
+        reason = f"test accuracy {candidate_accuracy:.4f} beats champion {champion_accuracy:.4f} by {gain:+.4f} >= margin {margin}"
+        return Decision(True, reason, candidate_accuracy, champion_accuracy, margin)
+    reason = f"test accuracy {candidate_accuracy:.4f} vs champion {champion_accuracy:.4f}: gain {gain:+.4f} < margin {margin}"
+    return Decision(False, reason, candidate_accuracy, champion_accuracy, margin)
+
+
+def should_promote(candidate_accuracy: float, champion_accuracy: float | None, margin: float) -> bool:
+    return decide_promotion(candidate_accuracy, champion_accuracy, margin).promote
+
+
+def client():
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import configure_tracking
+
+    configure_tracking()
+    return MlflowClient()
+
+
+@contextlib.contextmanager
+def promotion_lock(model_name: str, timeout_s: float = 120.0):
+    """Serialise alias changes of one model across processes on this machine."""
+    from filelock import FileLock, Timeout
+
+    lock_dir = project_root() / "mlruns"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_dir / f".{model_name}.promotion.lock"))
+    try:
+        with lock.acquire(timeout=timeout_s):
+            yield
+    except Timeout:
+        raise PipelineError(f"another promotion of {model_name} holds {lock.lock_file}; retry when it ends") from None
+
+
+def alias_version(mlflow_client, model_name: str, alias: str):
+    """The model version holding `alias`, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+
+
+def find_version_for_run(mlflow_client, model_name: str, run_id: str):
+    """An existing version registered from this run (re-evaluating must not add duplicates)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow_client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+    except MlflowException:
+        return None
+    return max(versions, key=lambda v: int(v.version), default=None)
+
+
+def register(model_uri: str, model_name: str, run_id: str, tags: dict[str, str]):
+    """Register the run's model as a new version (or reuse the run's version), tagging its metrics."""
+    import mlflow
+
+    mlflow_client = client()
+    version = find_version_for_run(mlflow_client, model_name, run_id)
+    if version is None:
+        version = mlflow.register_model(model_uri, model_name, tags=tags)
+    else:
+        for key, value in tags.items():
+            mlflow_client.set_model_version_tag(model_name, version.version, key, value)
+    return version
+
+
+def record_decision(mlflow_client, model_name: str, version: str, decision: Decision, extra: dict[str, str]) -> None:
+    tags = {
+        "validation_status": decision.status,
+        "promotion_reason": decision.reason,
+        "compared_candidate_accuracy": f"{decision.candidate_accuracy:.6f}",
+        "compared_champion_accuracy": "none" if decision.champion_accuracy is None else f"{decision.champion_accuracy:.6f}",
+        "promotion_margin": str(decision.margin),
+        **extra,
+    }
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(model_name, version, key, value)
+
+
+def champion_history(mlflow_client, model_name: str) -> list[str]:
+    tags = mlflow_client.get_registered_model(model_name).tags
+    return [v for v in tags.get(CHAMPION_HISTORY_TAG, "").split(",") if v]
+
+
+def move_champion(mlflow_client, model_name: str, version: str) -> None:
+    """Point `champion` at `version` and append it to the history that rollback walks back."""
+    current = alias_version(mlflow_client, model_name, CHAMPION)
+    if current is not None and str(current.version) == str(version):
+        return
+    history = champion_history(mlflow_client, model_name)
+    if current is not None and (not history or history[-1] != str(current.version)):
+        history.append(str(current.version))
+    history.append(str(version))
+    mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(version))
+    mlflow_client.set_registered_model_tag(model_name, CHAMPION_HISTORY_TAG, ",".join(history))
+
+
+def rollback_champion(mlflow_client, model_name: str) -> tuple[str, str]:
+    """Move `champion` back to the version that held it before; returns (from, to)."""
+    with promotion_lock(model_name):
+        current = alias_version(mlflow_client, model_name, CHAMPION)
+        if current is None:
+            raise PipelineError(f"{model_name} has no champion to roll back; promote a version first")
+        history = champion_history(mlflow_client, model_name)
+        if history and history[-1] == str(current.version):
+            history.pop()
+        if not history:
+            raise PipelineError(f"{model_name} v{current.version} is the first champion; nothing to roll back to")
+        previous = history[-1]
+        mlflow_client.set_registered_model_alias(model_name, CHAMPION, previous)
+        mlflow_client.set_registered_model_tag(model_name, CHAMPION_HISTORY_TAG, ",".join(history))
+        mlflow_client.set_model_version_tag(model_name, str(current.version), "validation_status", "rolled_back")
+        return str(current.version), previous
+
+
+def champion_accuracy(mlflow_client, model_name: str, champion, test_digest: str, score) -> float:
+    """The champion's test accuracy on the current test data: its tag if measured on the same
+    data, else re-scored with `score(model_uri)`."""
+    tags = champion.tags or {}
+    if tags.get("test_data_sha256") == test_digest and "test_accuracy" in tags:
+        return float(tags["test_accuracy"])
+    log.info("test data changed since v%s was scored; re-scoring the champion", champion.version)
+    accuracy = float(score(f"models:/{model_name}/{champion.version}"))
+    mlflow_client.set_model_version_tag(model_name, champion.version, "test_accuracy", f"{accuracy:.6f}")
+    mlflow_client.set_model_version_tag(model_name, champion.version, "test_data_sha256", test_digest)
+    return accuracy
+
+
+def promote(model_name: str, version: str, margin: float, test_digest: str, score, force: bool = False) -> Decision:
+    """Make `version` the challenger, then champion if it beats the champion by `margin` (or `force`).
+
+    The decision and the metrics compared are written to the version's tags. Under the lock the
+    champion is re-read, so racing promotions each compare against the real current champion.
+    """
+    mlflow_client = client()
+    with promotion_lock(model_name):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            candidate = mlflow_client.get_model_version(model_name, str(version))
+        except MlflowException:
+            raise PipelineError(f"{model_name} has no version {version}; list them with `python -m pipeline registry`") from None
+        candidate_accuracy = champion_accuracy(mlflow_client, model_name, candidate, test_digest, score)
+        champion = alias_version(mlflow_client, model_name, CHAMPION)
+        mlflow_client.set_registered_model_alias(model_name, CHALLENGER, str(version))
+        if champion is not None and str(champion.version) == str(version):
+            decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
+        else:
+            rival = None if champion is None else champion_accuracy(mlflow_client, model_name, champion, test_digest, score)
+            decision = decide_promotion(candidate_accuracy, rival, margin)
+            if force and not decision.promote:
+                decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
+        extra = {"compared_champion_version": "none" if champion is None else str(champion.version)}
+        record_decision(mlflow_client, model_name, str(version), decision, extra)
+        if decision.promote:
+            move_champion(mlflow_client, model_name, str(version))
+    log.info("v%s %s: %s", version, decision.status, decision.reason)
+    return decision
+
+
+def version_rows(model_name: str) -> list[dict[str, str]]:
+    """One row per version, newest first: aliases, status and test metrics from its tags."""
+    mlflow_client = client()
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow_client.get_registered_model(model_name)
+    except MlflowException:
+        raise PipelineError(f"no registered model {model_name!r} yet; run `dvc repro` to train and register one") from None
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (model.aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
+    versions = mlflow_client.search_model_versions(f"name='{model_name}'")
+    rows = []
+    for version in sorted(versions, key=lambda v: -int(v.version)):
+        tags = version.tags or {}
+        rows.append({
+            "version": str(version.version),
+            "aliases": ",".join(sorted(aliases.get(str(version.version), []))) or "-",
+            "status": tags.get("validation_status", "-"),
+            "test_accuracy": tags.get("test_accuracy", "-"),
+            "test_macro_f1": tags.get("test_macro_f1", "-"),
+            "preset": tags.get("preset", "-"),
+            "run_id": (version.run_id or "-")[:12],
+        })
+    return rows

@@ -1,0 +1,37 @@
+"""Explicit process setup: logging, TF threads and seeds, done before TensorFlow starts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+from pipeline.config import RuntimeParams
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TF's C++ start-up chatter
+
+
+def setup_tensorflow(runtime: RuntimeParams, seed: int) -> None:
+    """Set threads, determinism and every seed (Python, NumPy, TF) from params.
+
+    Thread counts must be set before TF runs its first op, so call this first thing in main().
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(runtime.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(runtime.inter_op_threads)
+    except RuntimeError:  # TF already initialised in this process (tests, tuning loops)
+        pass
+    random.seed(seed)
+    np.random.seed(seed)
+    keras.utils.set_random_seed(seed)
+    if runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
