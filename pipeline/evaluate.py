@@ -24,6 +24,7 @@ from pipeline.runtime import setup_logging, setup_tensorflow
 log = logging.getLogger("pipeline.evaluate")
 
 METRICS_FILE = "evaluate.json"
+PER_CLASS_FILE = "per_class.json"
 CONFUSION_FILE = "confusion.csv"
 FIGURES = ("confusion_matrix.png", "training_curves.png", "misclassified.png")
 
@@ -158,7 +159,9 @@ def main() -> None:
 
     staging = Path(tempfile.mkdtemp(prefix=".evaluate.", dir="."))
     try:
-        (staging / METRICS_FILE).write_text(json.dumps({"test": metrics, "test_images": len(test)}, indent=2))
+        summary = {k: v for k, v in metrics.items() if k != "per_class"}
+        (staging / METRICS_FILE).write_text(json.dumps({"test": summary, "test_images": len(test)}, indent=2))
+        (staging / PER_CLASS_FILE).write_text(json.dumps(metrics["per_class"], indent=2))
         write_confusion_rows(test.y, y_pred, staging / CONFUSION_FILE)
         plots.save(plots.confusion_heatmap(confusion(test.y, y_pred),
                                            f"Confusion matrix: test accuracy {metrics['accuracy']:.2%}"),
@@ -175,6 +178,7 @@ def main() -> None:
             for name in FIGURES:
                 mlflow.log_artifact(str(staging / name), "figures")
             mlflow.log_artifact(str(staging / METRICS_FILE), "metrics")
+            mlflow.log_artifact(str(staging / PER_CLASS_FILE), "metrics")
             version_tags = {"test_accuracy": f"{metrics['accuracy']:.6f}", "test_loss": f"{metrics['loss']:.6f}",
                             "test_macro_f1": f"{metrics['macro_f1']:.6f}", "test_data_sha256": digest,
                             "preset": str(record.get("preset", "")), "test_images": str(len(test))}
@@ -197,7 +201,7 @@ def main() -> None:
 
         metrics_dir.mkdir(parents=True, exist_ok=True)
         figures_dir.mkdir(parents=True, exist_ok=True)
-        for name, target in ((METRICS_FILE, metrics_dir), (CONFUSION_FILE, metrics_dir)):
+        for name, target in ((METRICS_FILE, metrics_dir), (PER_CLASS_FILE, metrics_dir), (CONFUSION_FILE, metrics_dir)):
             os.replace(staging / name, target / name)
         for name in FIGURES:
             os.replace(staging / name, figures_dir / name)

@@ -139,9 +139,10 @@ def read_idx_folder(folder: Path) -> Arrays:
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Refuses any global but the three NumPy ones an array pickle needs."""
+    """Refuses any global but the few an array pickle needs."""
 
     ALLOWED = {
+        ("_codecs", "encode"),  # protocol-2 pickles carry array bytes through it
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),

@@ -41,7 +41,7 @@ def build_model(recipe: Recipe, seed: int = 0) -> keras.Model:
                 use_bias=not recipe.batch_norm, activation=None if recipe.batch_norm else "relu", name=name,
             )(x)
             if recipe.batch_norm:
-                x = layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
                 x = layers.Activation("relu", name=f"{name}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"block{block + 1}_pool")(x)
     x = layers.Flatten(name="flatten")(x)

@@ -11,6 +11,15 @@ from pipeline.config import RuntimeParams
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    quiet_library_warnings()
+
+
+def quiet_library_warnings() -> None:
+    """Optuna flags heartbeats and its matplotlib plots as experimental on every use; we chose them."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*experimental.*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TF's C++ start-up chatter
 
 

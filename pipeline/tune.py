@@ -102,7 +102,7 @@ def resolve_storage_url(url: str) -> str:
 
 def make_storage(url: str):
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     resolved = resolve_storage_url(url)
     try:
@@ -110,7 +110,7 @@ def make_storage(url: str):
             resolved,
             heartbeat_interval=HEARTBEAT_INTERVAL_S,
             grace_period=GRACE_PERIOD_S,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             engine_kwargs={"pool_pre_ping": True} if not resolved.startswith("sqlite") else None,
         )
     except (optuna.exceptions.StorageInternalError, Exception) as error:

@@ -1,0 +1,131 @@
+// Drawing pad (pointer events: mouse, touch and pen), file upload, and the prediction display.
+"use strict";
+
+const pad = document.getElementById("pad");
+const context = pad.getContext("2d");
+const predictButton = document.getElementById("predict");
+const fileInput = document.getElementById("file");
+const preview = document.getElementById("preview");
+const labelView = document.getElementById("label");
+const confidenceView = document.getElementById("confidence");
+const errorView = document.getElementById("error");
+const bars = Array.from(document.querySelectorAll("#bars li"));
+
+let drawing = false;
+let last = null;
+let inked = false;
+
+function clearPad() {
+  context.fillStyle = "#000";
+  context.fillRect(0, 0, pad.width, pad.height);
+  inked = false;
+}
+
+function padPoint(event) {
+  const box = pad.getBoundingClientRect();
+  return {
+    x: (event.clientX - box.left) * (pad.width / box.width),
+    y: (event.clientY - box.top) * (pad.height / box.height),
+  };
+}
+
+function strokeTo(point) {
+  context.strokeStyle = "#fff";
+  context.lineWidth = 18;
+  context.lineCap = "round";
+  context.lineJoin = "round";
+  context.beginPath();
+  context.moveTo(last.x, last.y);
+  context.lineTo(point.x + 0.01, point.y);  // a click still leaves a dot
+  context.stroke();
+  last = point;
+  inked = true;
+}
+
+pad.addEventListener("pointerdown", (event) => {
+  event.preventDefault();
+  pad.setPointerCapture(event.pointerId);
+  drawing = true;
+  last = padPoint(event);
+  strokeTo(last);
+});
+pad.addEventListener("pointermove", (event) => {
+  if (drawing) strokeTo(padPoint(event));
+});
+for (const name of ["pointerup", "pointercancel"]) {
+  pad.addEventListener(name, () => { drawing = false; });
+}
+
+function showError(message) {
+  errorView.textContent = message;
+  errorView.hidden = false;
+}
+
+function showResult(result) {
+  errorView.hidden = true;
+  labelView.textContent = String(result.label);
+  confidenceView.textContent = `${(result.confidence * 100).toFixed(1)}% sure`;
+  bars.forEach((bar, digit) => {
+    const p = result.probabilities[digit];
+    bar.querySelector(".fill").style.width = `${(p * 100).toFixed(1)}%`;
+    bar.querySelector(".value").textContent = `${(p * 100).toFixed(1)}%`;
+    bar.classList.toggle("top", digit === result.label);
+  });
+}
+
+async function send(body, headers) {
+  predictButton.disabled = true;
+  labelView.textContent = "…";
+  try {
+    const response = await fetch("/api/predict", { method: "POST", body, headers });
+    let answer = null;
+    try { answer = await response.json(); } catch (_) { answer = null; }
+    if (!response.ok) {
+      labelView.textContent = "?";
+      showError((answer && answer.error) || `the server answered ${response.status}`);
+      return;
+    }
+    showResult(answer);
+  } catch (error) {
+    labelView.textContent = "?";
+    showError(`could not reach the server (${error.message})`);
+  } finally {
+    predictButton.disabled = false;
+  }
+}
+
+predictButton.addEventListener("click", () => {
+  if (!inked) {
+    showError("draw a digit first");
+    return;
+  }
+  send(JSON.stringify({ image: pad.toDataURL("image/png") }), { "Content-Type": "application/json" });
+});
+
+document.getElementById("clear").addEventListener("click", () => {
+  clearPad();
+  errorView.hidden = true;
+  labelView.textContent = "?";
+  confidenceView.textContent = "draw a digit, then Predict";
+  showBarsEmpty();
+});
+
+function showBarsEmpty() {
+  bars.forEach((bar) => {
+    bar.querySelector(".fill").style.width = "0%";
+    bar.querySelector(".value").textContent = "–";
+    bar.classList.remove("top");
+  });
+}
+
+fileInput.addEventListener("change", () => {
+  const file = fileInput.files[0];
+  if (!file) return;
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  const form = new FormData();
+  form.append("image", file);
+  send(form, {});
+});
+
+clearPad();

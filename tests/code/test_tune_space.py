@@ -1,0 +1,49 @@
+import optuna
+import pytest
+
+from pipeline.config import Recipe, parse_params
+from pipeline.errors import PipelineError
+from pipeline.tune import baseline_params, decode_choice, encode_choice, make_sampler, suggest, validate_space
+
+
+def space_of(raw_space):
+    return parse_params({"train": {"preset": "reference"}, "tune": {"base_preset": "reference", "space": raw_space}}).tune.space
+
+
+def test_suggest_decodes_list_choices_and_ranges():
+    space = space_of({"conv_filters": {"choices": [[16, 32], [32, 64]]}, "learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                      "dense_units": {"low": 32, "high": 256, "step": 32}})
+    trial = optuna.trial.FixedTrial({"conv_filters": "32-64", "learning_rate": 0.001, "dense_units": 96})
+    values = suggest(trial, space)
+    assert values == {"conv_filters": [32, 64], "learning_rate": 0.001, "dense_units": 96}
+    assert Recipe().with_overrides(values).conv_filters == [32, 64]
+
+
+def test_choice_encoding_roundtrip():
+    choices = [[16, 32], [32, 64, 128], "adam"]
+    for choice in choices:
+        assert decode_choice(encode_choice(choice), choices) == choice
+
+
+def test_validate_space_rejects_values_a_recipe_refuses():
+    with pytest.raises(PipelineError, match=r"tune.space.dropout: value 1.0"):
+        validate_space(Recipe(), space_of({"dropout": {"low": 0.1, "high": 1.0}}))
+    with pytest.raises(PipelineError, match="tune.space.optimizer: value 'rmsprop'"):
+        validate_space(Recipe(), space_of({"optimizer": {"choices": ["adam", "rmsprop"]}}))
+    validate_space(Recipe(), space_of({"optimizer": {"choices": ["adam", "sgd"]}}))
+
+
+def test_baseline_is_the_preset_when_inside_the_space():
+    space = space_of({"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}, "batch_size": {"choices": [64, 128]}})
+    assert baseline_params(Recipe(), space) == {"learning_rate": 0.001, "batch_size": 128}
+    outside = space_of({"batch_size": {"choices": [64, 256]}})
+    assert baseline_params(Recipe(), outside) == {}
+
+
+def test_resumed_sampler_does_not_replay_startup_trials():
+    def first_values(sampler):
+        study = optuna.create_study(sampler=sampler)
+        return [study.ask().suggest_float("x", 0, 1) for _ in range(3)]
+
+    assert first_values(make_sampler(42, 0)) == first_values(make_sampler(42, 0))
+    assert first_values(make_sampler(42, 0)) != first_values(make_sampler(42, 3))

