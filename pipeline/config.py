@@ -144,6 +144,8 @@ class TuneParams(_Strict):
     epochs: PositiveInt = 4
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "median"
     enqueue_preset: bool = True  # trial 0 is the untuned preset, the baseline to beat
+    heartbeat_interval_s: PositiveInt = 10  # a running trial's worker beats this often ...
+    grace_period_s: PositiveInt = 30  # ... and its trial is failed (and retried once) after this long silent
     output: str = "models/best_params.json"
     space: dict[str, SearchDimension] = {}
 

@@ -29,8 +29,6 @@ log = logging.getLogger("pipeline.tune")
 
 MONITOR = "val_accuracy"
 FINISHED = ("COMPLETE", "PRUNED")
-HEARTBEAT_INTERVAL_S = 10
-GRACE_PERIOD_S = 30  # a trial whose worker was silent this long is failed (and retried)
 
 
 # ---- search space ---------------------------------------------------------------------------
@@ -100,16 +98,17 @@ def resolve_storage_url(url: str) -> str:
     return url
 
 
-def make_storage(url: str):
+def make_storage(tune: TuneParams):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+    url = tune.storage
     resolved = resolve_storage_url(url)
     try:
         return RDBStorage(
             resolved,
-            heartbeat_interval=HEARTBEAT_INTERVAL_S,
-            grace_period=GRACE_PERIOD_S,
+            heartbeat_interval=tune.heartbeat_interval_s,
+            grace_period=tune.grace_period_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             engine_kwargs={"pool_pre_ping": True} if not resolved.startswith("sqlite") else None,
         )
@@ -144,7 +143,7 @@ def open_study(params: Params, storage=None, create: bool = True):
     """Load (or create) the persistent study; fails stale trials of dead workers first."""
     import optuna
 
-    storage = storage or make_storage(params.tune.storage)
+    storage = storage or make_storage(params.tune)
     try:
         existing = optuna.load_study(study_name=params.tune.study_name, storage=storage)
         trials_so_far = len(existing.trials)
@@ -159,6 +158,26 @@ def open_study(params: Params, storage=None, create: bool = True):
     optuna.storages.fail_stale_trials(study)
     study.set_user_attr("base_preset", params.tune.base_preset)
     return study
+
+
+def close_failed_trial_runs(study) -> int:
+    """Mark the MLflow runs of trials that died with their worker as FAILED (they stay RUNNING)."""
+    from mlflow import MlflowClient
+
+    client, closed = MlflowClient(), 0
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if trial.state.name != "FAIL" or not run_id:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # the run lives in another tracking store
+            continue
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_terminated(run_id, status="FAILED")
+            closed += 1
+    return closed
 
 
 def count_states(study) -> dict[str, int]:
@@ -340,6 +359,8 @@ def run_session(params: Params, n_trials: int, timeout_s: int | None = None, stu
         if baseline:
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
     tracking.ensure_experiment(params.tracking.experiment)
+    if closed := close_failed_trial_runs(study):
+        log.info("marked %d MLflow trial run(s) of dead workers as FAILED", closed)
     data = tuning_data(params)
     optuna.logging.set_verbosity(optuna.logging.INFO)
     target = finished_trials(study) + n_trials

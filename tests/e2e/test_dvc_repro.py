@@ -1,0 +1,143 @@
+"""End to end: real `dvc repro` on a tiny configuration, a real MLflow store and registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.e2e.conftest import dvc, project_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_client(project):
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    return mlflow.MlflowClient()
+
+
+def test_metrics_and_figures_are_written(tiny_project):
+    metrics = json.loads((tiny_project / "metrics" / "evaluate.json").read_text())
+    assert metrics["test_images"] == 1000
+    assert 0.5 < metrics["test"]["accuracy"] <= 1.0  # 2 epochs on 3000 images: far above chance
+    assert set(metrics["test"]) >= {"accuracy", "loss", "macro_precision", "macro_recall", "macro_f1"}
+    per_class = json.loads((tiny_project / "metrics" / "per_class.json").read_text())
+    assert sorted(per_class) == [str(d) for d in range(10)]
+    rows = (tiny_project / "metrics" / "confusion.csv").read_text().splitlines()
+    assert rows[0] == "actual,predicted" and len(rows) == 1001
+    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png"):
+        assert (tiny_project / "figures" / name).read_bytes().startswith(b"\x89PNG")
+    history = (tiny_project / "metrics" / "train_history.csv").read_text().splitlines()
+    assert history[0] == "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate" and len(history) == 3
+
+
+def test_dvc_sees_metrics_and_plots(tiny_project):
+    shown = dvc("metrics", "show", "--json", project=tiny_project).stdout
+    assert "accuracy" in shown
+    rendered = dvc("plots", "show", "--json", project=tiny_project).stdout
+    assert "metrics/confusion.csv" in rendered and "training curves" in rendered
+
+
+def test_logged_model_loads_back_and_predicts(tiny_project, mnist_npz):
+    import mlflow.keras
+
+    client = mlflow_client(tiny_project)
+    record = json.loads((tiny_project / "models" / "train_run.json").read_text())
+    run = client.get_run(record["run_id"])
+    assert run.data.tags["mnist.run_kind"] == "train"
+    assert run.data.tags["params_hash"] and run.data.tags["mlflow.source.git.commit"] != "unknown"
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+        assert len(client.get_metric_history(run.info.run_id, key)) == 2, key
+    assert run.data.metrics["test_accuracy"] > 0.5
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert {"figures/confusion_matrix.png", "figures/training_curves.png", "figures/misclassified.png"} <= artifacts
+
+    model = mlflow.keras.load_model("models:/mnist-cnn@champion")
+    with np.load(mnist_npz) as data:
+        x, y = data["x_test"][:200], data["y_test"][:200]
+    probabilities = model.predict(x.reshape(-1, 28, 28, 1).astype(np.float32), verbose=0)
+    assert probabilities.shape == (200, 10)
+    assert (probabilities.argmax(axis=1) == y).mean() > 0.5
+
+
+def test_version_is_registered_with_metrics_and_champion(tiny_project):
+    client = mlflow_client(tiny_project)
+    versions = client.search_model_versions("name='mnist-cnn'")
+    assert len(versions) == 1
+    version = versions[0]
+    assert float(version.tags["test_accuracy"]) > 0.5
+    assert version.tags["validation_status"] == "promoted"
+    assert client.get_model_version_by_alias("mnist-cnn", "champion").version == version.version
+    assert client.get_model_version_by_alias("mnist-cnn", "challenger").version == version.version
+
+
+def test_second_repro_is_a_no_op(tiny_project):
+    result = dvc("repro", project=tiny_project)
+    assert "Data and pipelines are up to date" in result.stdout
+    assert "Running stage" not in result.stdout
+
+
+def test_evaluate_param_reruns_only_evaluate_without_a_duplicate_version(tiny_project):
+    params_path = tiny_project / "params.yaml"
+    original = params_path.read_text()
+    params = yaml.safe_load(original)
+    params["evaluate"]["misclassified_shown"] = 12
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = dvc("repro", project=tiny_project)
+    finally:
+        params_path.write_text(original)
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'evaluate':"]
+    assert len(mlflow_client(tiny_project).search_model_versions("name='mnist-cnn'")) == 1
+    dvc("repro", project=tiny_project)  # back in step with the original params
+
+
+def test_info_prints_absolute_locations(tiny_project):
+    lines = run([sys.executable, "-m", "pipeline", "info"], tiny_project).stdout.splitlines()
+    info = dict(line.split(": ", 1) for line in lines)
+    assert info["tracking_uri"] == f"sqlite:///{tiny_project / 'mlruns' / 'mlflow.db'}"
+    assert info["registered_model"] == "mnist-cnn"
+    assert info["study_storage"] == f"sqlite:///{tiny_project / 'studies' / 'optuna.db'}"
+    assert all(os.path.isabs(info[k]) for k in ("raw_data", "model", "metrics"))
+
+
+def test_tracking_uri_env_overrides_the_store(tiny_project, tmp_path):
+    env = project_env(tiny_project) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"}
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "pipeline", "info"], cwd=tiny_project, env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert f"tracking_uri: sqlite:///{tmp_path / 'other.db'}" in out
+
+
+def test_study_trials_are_nested_mlflow_runs(tiny_project):
+    client = mlflow_client(tiny_project)
+    experiment = client.get_experiment_by_name("mnist")
+    studies = client.search_runs([experiment.experiment_id], "tags.`mnist.run_kind` = 'tune-study'")
+    trials = client.search_runs([experiment.experiment_id], "tags.`mnist.run_kind` = 'tune-trial'")
+    assert len(studies) == 1 and len(trials) == 2
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {studies[0].info.run_id}
+    assert {t.data.tags["optuna.state"] for t in trials} <= {"COMPLETE", "PRUNED"}
+    assert "best_val_accuracy" in studies[0].data.metrics
+    figures = {a.path for a in client.list_artifacts(studies[0].info.run_id, "figures")}
+    assert "figures/optimization_history.png" in figures
+    best = json.loads((tiny_project / "models" / "best_params.json").read_text())
+    assert best["base_preset"] == "reference" and best["trials"]["COMPLETE"] >= 1
+    assert best["baseline_value"] is not None  # trial 0 is the untuned preset
+
+
+def test_sqlite_store_is_not_a_dvc_output(tiny_project):
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())
+    outs = [out["path"] for stage in lock["stages"].values() for out in stage.get("outs", [])]
+    assert not any(path.startswith(("mlruns", "studies")) for path in outs)
+    with sqlite3.connect(tiny_project / "mlruns" / "mlflow.db") as db:
+        assert db.execute("select count(*) from runs").fetchone()[0] >= 4
