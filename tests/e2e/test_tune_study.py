@@ -1,0 +1,162 @@
+"""Optuna studies with real storage: resume after SIGKILL, pruning, --more, and optuna-dashboard."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+
+from tests.conftest import copy_project
+from tests.e2e.conftest import project_env, run, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def study_states(project, name="mnist-cnn") -> list[str]:
+    database = project / "studies" / "optuna.db"
+    if not database.exists():
+        return []
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{database}")
+    except (KeyError, optuna.exceptions.StorageInternalError):
+        return []  # not created yet
+    return [trial.state.name for trial in study.get_trials(deepcopy=False)]
+
+
+def prepared_project(tmp_path_factory, **overrides):
+    project = copy_project(tmp_path_factory.mktemp("tune"))
+    tiny_params(project / "params.yaml", **overrides)
+    for stage in ("pipeline.fetch", "pipeline.preprocess"):
+        run([sys.executable, "-m", stage], project)
+    return project
+
+
+@pytest.fixture(scope="module")
+def resumed_project(tmp_path_factory):
+    """A study of 3 trials whose process is SIGKILLed in trial 1, then resumed by the tune stage."""
+    project = prepared_project(tmp_path_factory, **{
+        "tune.n_trials": 3, "tune.epochs": 3, "tune.train_images": 1500, "tune.pruner": "none",
+        "tune.heartbeat_interval_s": 1, "tune.grace_period_s": 3})
+    worker = subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=project, env=project_env(project),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and study_states(project)[1:2] != ["RUNNING"]:
+        assert worker.poll() is None, "tuning ended before it could be killed"
+        time.sleep(0.5)
+    time.sleep(2)  # well inside trial 1
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    killed = study_states(project)
+    time.sleep(4)  # past the grace period: the killed trial's heartbeat is stale
+    resumed = run([sys.executable, "-m", "pipeline.tune"], project)
+    return project, killed, resumed
+
+
+def test_kill_leaves_one_running_trial(resumed_project):
+    _, killed, _ = resumed_project
+    assert killed == ["COMPLETE", "RUNNING"]
+
+
+def test_resume_fails_the_killed_trial_and_reaches_the_budget(resumed_project):
+    project, _, resumed = resumed_project
+    states = study_states(project)
+    assert states[0] == "COMPLETE"  # kept, not re-run
+    assert states[1] == "FAIL"  # the killed trial, failed by its stale heartbeat
+    assert states.count("COMPLETE") + states.count("PRUNED") == 3
+    study = optuna.load_study(study_name="mnist-cnn", storage=f"sqlite:///{project / 'studies' / 'optuna.db'}")
+    retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
+    assert len(retried) == 1 and retried[0].params == study.trials[1].params  # the killed trial retried
+    best = json.loads((project / "models" / "best_params.json").read_text())
+    assert best["trials"]["FAIL"] == 1
+
+
+def test_killed_trial_run_is_closed_in_mlflow(resumed_project):
+    import mlflow
+
+    project, _, _ = resumed_project
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    study = optuna.load_study(study_name="mnist-cnn", storage=f"sqlite:///{project / 'studies' / 'optuna.db'}")
+    run_id = study.trials[1].user_attrs["mlflow_run_id"]
+    killed_run = mlflow.MlflowClient().get_run(run_id)
+    assert killed_run.info.status == "FAILED" and killed_run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_rerun_with_full_study_adds_no_trials_and_more_adds(resumed_project):
+    project, _, _ = resumed_project
+    before = len(study_states(project))
+    result = run([sys.executable, "-m", "pipeline.tune"], project)
+    assert "nothing to run" in result.stderr
+    assert len(study_states(project)) == before
+    run([sys.executable, "-m", "pipeline", "tune", "--more", "1"], project)
+    states = study_states(project)
+    assert states.count("COMPLETE") + states.count("PRUNED") == 4
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_optuna_dashboard_reads_the_study(resumed_project):
+    project, _, _ = resumed_project
+    port = free_port()
+    dashboard = subprocess.Popen(
+        [str(Path(sys.executable).parent / "optuna-dashboard"), f"sqlite:///{project / 'studies' / 'optuna.db'}",
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        studies = None
+        for _ in range(120):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as response:
+                    studies = json.loads(response.read())["study_summaries"]
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert studies is not None, "optuna-dashboard did not answer"
+        (summary,) = [s for s in studies if s["study_name"] == "mnist-cnn"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10) as response:
+            detail = json.loads(response.read())
+        assert len(detail["trials"]) == len(study_states(project))
+        assert {t["state"] for t in detail["trials"]} >= {"Complete", "Fail"}
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=20)
+
+
+def test_a_bad_trial_is_pruned(tmp_path_factory):
+    """Trial 0 learns; trial 1's divergent learning rate is cut by successive halving at its first rung."""
+    project = prepared_project(tmp_path_factory, **{
+        "tune.pruner": "successive_halving", "tune.epochs": 3, "tune.enqueue_preset": False,
+        "tune.space": {"learning_rate": {"low": 0.0001, "high": 1.0, "log": True},
+                       "optimizer": {"choices": ["adam", "sgd"]}}})
+    (project / "studies").mkdir()
+    storage = f"sqlite:///{project / 'studies' / 'optuna.db'}"
+    study = optuna.create_study(study_name="mnist-cnn", storage=storage, direction="maximize")
+    study.enqueue_trial({"learning_rate": 0.001, "optimizer": "adam"})
+    study.enqueue_trial({"learning_rate": 1.0, "optimizer": "sgd"})
+    run([sys.executable, "-m", "pipeline.tune"], project)
+    states = study_states(project)
+    assert states == ["COMPLETE", "PRUNED"]
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
+    pruned = mlflow.search_runs(experiment_names=["mnist"], filter_string="tags.`optuna.state` = 'PRUNED'")
+    assert len(pruned) == 1 and int(pruned.iloc[0]["tags.epochs_run"]) < 3  # cut before its last epoch
+
+
+def test_unreachable_storage_is_one_clear_line(tmp_path_factory):
+    project = prepared_project(tmp_path_factory, **{"tune.storage": "postgresql+psycopg://nobody@127.0.0.1:1/none"})
+    result = run([sys.executable, "-m", "pipeline.tune"], project, check=False)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Optuna storage postgresql+psycopg://nobody@127.0.0.1:1/none is unreachable")
