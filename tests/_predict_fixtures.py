@@ -16,7 +16,7 @@ TRAIN_IMAGES = 3000
 _cache: dict[str, Path] = {}
 
 
-def train_tiny_model(out: Path) -> Path:
+def train_tiny_model(mnist: Path, out: Path) -> Path:
     """The reference preset trained one epoch on 3000 MNIST images (about 90% test accuracy)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -25,7 +25,7 @@ def train_tiny_model(out: Path) -> Path:
     from pipeline.model import build_model, compile_model
 
     keras.utils.set_random_seed(0)
-    with np.load(MNIST) as data:
+    with np.load(mnist) as data:
         x = data["x_train"][:TRAIN_IMAGES, ..., None].astype("float32")
         y = data["y_train"][:TRAIN_IMAGES]
     recipe = load_params(REPO / "params.yaml").recipe("reference")
@@ -38,12 +38,22 @@ def train_tiny_model(out: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mnist_file(request: pytest.FixtureRequest) -> Path:
+    """data/raw/mnist.npz; conftest's `mnist_npz` fetches it when absent, else the test skips."""
+    try:
+        path = Path(request.getfixturevalue("mnist_npz"))
+    except pytest.FixtureLookupError:
+        path = MNIST
+    if not path.is_file():
+        pytest.skip(f"{path} is absent; run `python -m pipeline.fetch` to get MNIST")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(mnist_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a `.keras` file; trained once per test session, whichever module asks first."""
-    if not MNIST.is_file():
-        pytest.skip(f"{MNIST.relative_to(REPO)} is absent; run `python -m pipeline.fetch` to get MNIST")
     if "tiny" not in _cache:
-        _cache["tiny"] = train_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+        _cache["tiny"] = train_tiny_model(mnist_file, tmp_path_factory.mktemp("tiny_model"))
     return _cache["tiny"]
 
 
@@ -66,6 +76,6 @@ def vertical_one(size: int = 120) -> Image.Image:
     return image
 
 
-def mnist_digit(index: int = 0) -> tuple[np.ndarray, int]:
-    with np.load(MNIST) as data:
+def mnist_digit(mnist: Path, index: int = 0) -> tuple[np.ndarray, int]:
+    with np.load(mnist) as data:
         return data["x_test"][index], int(data["y_test"][index])

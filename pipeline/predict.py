@@ -1,0 +1,381 @@
+"""Predict digits in photos and scans with a trained model: `python -m pipeline predict IMAGE...`.
+
+`prepare_image` turns an arbitrary picture into what MNIST was made of: white ink on black,
+the ink's box scaled to fit 20x20 keeping its aspect ratio, then placed in 28x28 so that its
+centre of mass sits at the centre. Models take those raw 0-255 pixels unscaled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+from pipeline.errors import PipelineError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
+MAX_PIXELS = 40_000_000  # larger pictures are refused before decoding (decompression bombs)
+WORKING_SIDE = 800  # pictures are shrunk to at most this many pixels a side before any filtering
+SIDE = 28
+BOX = 20  # MNIST: the ink's bounding box is scaled to fit 20x20, then centred by mass in 28x28
+MIN_STROKE_PX = 2.0  # pen width in the 20x20 box below which strokes are thickened (MNIST: ~2-3)
+CORE_PERCENTILE = 75.0  # ink at or above this percentile of the digit's pixels is full white
+EDGE_FRACTION = 0.3  # ink below this fraction of the ink/paper threshold is black
+MIN_CONTRAST = 24.0  # grey levels between paper and ink below which the picture holds no digit
+
+
+class ImageError(PipelineError):
+    """A file or upload that cannot be read as an image, or that holds no digit."""
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def read_image(source: str | Path | IO[bytes], name: str | None = None) -> Image.Image:
+    """Open and decode a picture (a path or a binary file object); ImageError if it is not one."""
+    label = name or str(source)
+    try:
+        with Image.open(source, formats=ACCEPTED_FORMATS) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(
+                    f"{label}: image is {width}x{height}; use one of at most {MAX_PIXELS // 1_000_000} megapixels"
+                )
+            if image.format == "JPEG":
+                image.draft("RGB", (WORKING_SIDE, WORKING_SIDE))  # decode big photos at reduced scale
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.copy()
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label}: is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError(
+            f"{label}: not a readable image; use a PNG, JPEG or BMP (also GIF, TIFF, WebP)"
+        ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ImageError(f"{label}: cannot decode image ({error})") from None
+
+
+# --- preparing -----------------------------------------------------------------------------
+
+
+def to_grey(image: Image.Image) -> np.ndarray:
+    """Grey levels 0-255 (float32); transparent parts become white paper."""
+    if image.mode in ("P", "PA") or (image.mode not in ("RGBA", "LA") and "transparency" in image.info):
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(paper, rgba)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit scans: stretch to 8 bits
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        return ((values - low) * (255.0 / max(high - low, 1e-6))).astype(np.float32)
+    return np.asarray(image.convert("L"), dtype=np.float32)
+
+
+def shrink(grey: np.ndarray, max_side: int = WORKING_SIDE) -> np.ndarray:
+    """Anti-aliased downscale so that filtering costs the same for a scan and a 24-MP photo."""
+    height, width = grey.shape
+    scale = max_side / max(height, width)
+    if scale >= 1.0:
+        return grey
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(grey, mode="F").resize(size, Image.Resampling.BOX), dtype=np.float32)
+
+
+def border(values: np.ndarray) -> np.ndarray:
+    """The outer ring of pixels (about 4% of each side, at least one pixel)."""
+    height, width = values.shape
+    dy, dx = max(1, height // 25), max(1, width // 25)
+    return np.concatenate(
+        [values[:dy].ravel(), values[-dy:].ravel(), values[:, :dx].ravel(), values[:, -dx:].ravel()]
+    )
+
+
+def ink_is_dark(grey: np.ndarray) -> bool:
+    """Dark ink on light paper? Paper is what the border shows; ink is the other extreme."""
+    low, high = np.percentile(grey, [1.0, 99.0])
+    return bool(np.median(border(grey)) >= (low + high) / 2.0)
+
+
+def otsu_threshold(values: np.ndarray) -> float:
+    """The level that best splits values into two classes (Otsu, on a 256-bin histogram)."""
+    counts, edges = np.histogram(values, bins=256, range=(0.0, max(float(values.max()), 1e-6)))
+    centres = (edges[:-1] + edges[1:]) / 2.0
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    mass_low = np.cumsum(counts * centres)
+    mean_low = mass_low / np.maximum(weight_low, 1)
+    mean_high = (mass_low[-1] - mass_low) / np.maximum(weight_high, 1)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    return float(edges[int(np.argmax(between)) + 1])
+
+
+def ink_layer(grey: np.ndarray) -> np.ndarray:
+    """Ink strength >= 0 with the paper at 0, flattening uneven lighting and grain."""
+    bright = 255.0 - grey if ink_is_dark(grey) else grey.copy()
+    height, width = bright.shape
+    if min(height, width) >= 64:
+        bright = ndimage.median_filter(bright, size=3)  # sensor grain and paper speckle
+    # Paper level under uneven lighting: an opening wider than any stroke erases the ink.
+    # Computed on a subsampled copy so that a big picture costs little.
+    window = max(9, min(height, width) // 4)
+    step = max(1, window // 8)
+    coarse = bright[::step, ::step]
+    paper = ndimage.grey_opening(coarse, size=(max(3, window // step),) * 2)
+    paper = ndimage.uniform_filter(paper, size=max(3, window // step))
+    if step > 1:
+        paper = ndimage.zoom(paper, (height / paper.shape[0], width / paper.shape[1]), order=1)
+        paper = np.pad(paper, [(0, max(0, height - paper.shape[0])), (0, max(0, width - paper.shape[1]))], mode="edge")
+        paper = paper[:height, :width]
+    return np.clip(bright - paper, 0.0, None)
+
+
+def digit_mask(ink: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels of the digit: above threshold, in blobs big enough not to be specks or dirt."""
+    mask = ink > threshold
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    if count <= 1:
+        return mask
+    strength = ndimage.sum_labels(ink, labels, index=np.arange(1, count + 1))
+    keep = np.flatnonzero(strength >= 0.08 * strength.max()) + 1
+    return np.isin(labels, keep)
+
+
+def stroke_width(mask: np.ndarray) -> float:
+    """Mean pen width in pixels: a strip of width w has mean distance-to-edge about (w + 2) / 4."""
+    distances = ndimage.distance_transform_edt(mask)
+    inside = distances[mask]
+    return float(max(4.0 * inside.mean() - 2.0, 1.0)) if inside.size else 0.0
+
+
+def disk(radius: int) -> np.ndarray:
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    return x * x + y * y <= radius * radius + radius
+
+
+def normalised_ink(ink: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ink levels 0-255 with the stroke core saturated and everything off the digit at 0."""
+    if float(ink.max()) < MIN_CONTRAST:
+        raise ImageError("no digit found: the picture has no contrast between ink and paper")
+    threshold = otsu_threshold(ink)
+    mask = digit_mask(ink, threshold)
+    core = float(np.percentile(ink[mask], CORE_PERCENTILE))
+    low = EDGE_FRACTION * threshold
+    levels = np.clip((ink - low) / max(core - low, 1e-6), 0.0, 1.0)
+    near_digit = ndimage.binary_dilation(mask, structure=np.ones((3, 3)), iterations=2)
+    return np.where(near_digit, levels, 0.0).astype(np.float32) * 255.0, mask
+
+
+def crop_to_ink(levels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The bounding box of all ink, faint anti-aliased edges included."""
+    ink = levels > 0
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    if rows.size == 0:
+        raise ImageError("no digit found: the picture seems blank")
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    return levels[box], mask[box]
+
+
+def thicken(levels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Widen a fine pen so that it keeps about MNIST's stroke width once shrunk into 20x20.
+
+    (Thinning bold markers the same way was tried and did not help on tests/handwriting.)
+    """
+    side = max(levels.shape)
+    width_in_box = stroke_width(mask) * BOX / side
+    radius = round((MIN_STROKE_PX - width_in_box) / 2.0 * side / BOX)
+    if radius < 1:
+        return levels
+    return ndimage.grey_dilation(np.pad(levels, radius), footprint=disk(radius))
+
+
+def fit_box(levels: np.ndarray, box: int = BOX) -> np.ndarray:
+    """Pad to a square (keeping the aspect ratio) and resample anti-aliased to box x box."""
+    height, width = levels.shape
+    side = max(height, width)
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - height) // 2, (side - width) // 2
+    square[top : top + height, left : left + width] = levels
+    resized = np.asarray(Image.fromarray(square, mode="F").resize((box, box), Image.Resampling.LANCZOS))
+    return np.where(resized < 4.0, 0.0, np.minimum(resized, 255.0)).astype(np.float32)  # drop ringing
+
+
+def centre_by_mass(digit: np.ndarray, side: int = SIDE) -> np.ndarray:
+    """Place a box in side x side so that its centre of mass is at the centre, ink kept inside."""
+    canvas = np.zeros((side, side), dtype=np.float32)
+    height, width = digit.shape
+    if not digit.any():
+        raise ImageError("no digit found: the ink vanished when scaled down")
+    cy, cx = ndimage.center_of_mass(digit)
+    # MNIST's centres of mass average (14.0, 14.0) in pixel-index coordinates.
+    top = int(np.clip(round(side / 2.0 - cy), 0, side - height))
+    left = int(np.clip(round(side / 2.0 - cx), 0, side - width))
+    canvas[top : top + height, left : left + width] = digit
+    return canvas
+
+
+def prepare_image(image: Image.Image) -> np.ndarray:
+    """A picture of one digit as MNIST pixels: 28x28 float32 in 0-255, white ink on black.
+
+    Raises ImageError when the picture shows no ink (blank or flat).
+    """
+    grey = shrink(to_grey(image))
+    levels, mask = normalised_ink(ink_layer(grey))
+    levels, mask = crop_to_ink(levels, mask)
+    levels = thicken(levels, mask)
+    return centre_by_mass(fit_box(levels))
+
+
+# --- model ---------------------------------------------------------------------------------
+
+
+def load_model(uri: str) -> Any:
+    """A Keras model from `models:/...`, `runs:/...`, an MLflow model folder, or a `.keras` file."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    path = Path(uri).expanduser()
+    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
+        if path.is_file():
+            import keras
+
+            try:
+                return keras.saving.load_model(path)
+            except (ValueError, OSError) as error:
+                raise PipelineError(f"{uri} is not a Keras model file ({error}); pass a .keras file") from None
+        if not (path / "MLmodel").is_file():
+            raise PipelineError(
+                f"model {uri!r} not found; pass a .keras file, an MLflow model folder, or a models:/ or runs:/ URI"
+            )
+        uri = str(path)
+    import mlflow
+    import mlflow.keras
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import configure_tracking
+
+    configure_tracking()  # the project's store, or MLFLOW_TRACKING_URI
+    try:
+        return mlflow.keras.load_model(uri)
+    except MlflowException as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineError(
+            f"cannot load model {uri!r} from MLflow at {mlflow.get_tracking_uri()} ({first_line}); "
+            "train and promote a model first, or pass --model with another URI or a .keras file"
+        ) from None
+
+
+def probabilities(model: Any, pixels: np.ndarray) -> np.ndarray:
+    """Softmax outputs (N, 10) for prepared pixels (N, 28, 28)."""
+    batch = np.asarray(pixels, dtype=np.float32).reshape(-1, SIDE, SIDE, 1)
+    if len(batch) == 0:
+        return np.zeros((0, 10), dtype=np.float32)
+    if len(batch) <= 256:  # one step, without predict()'s per-call pipeline set-up
+        return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
+    return np.asarray(model.predict(batch, batch_size=256, verbose=0), dtype=np.float32)
+
+
+def describe(probs: np.ndarray) -> dict[str, Any]:
+    """The answer for one image: label, its confidence, and all ten probabilities."""
+    label = int(np.argmax(probs))
+    return {
+        "label": label,
+        "confidence": round(float(probs[label]), 6),
+        "probabilities": [round(float(p), 6) for p in probs],
+    }
+
+
+def predict_images(model: Any, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
+    """Answers for pictures already opened; one that shows no digit gets an `error` entry."""
+    results: list[dict[str, Any]] = [{} for _ in images]
+    ready: list[int] = []
+    pixels: list[np.ndarray] = []
+    for index, image in enumerate(images):
+        try:
+            pixels.append(prepare_image(image))
+            ready.append(index)
+        except ImageError as error:
+            results[index] = {"error": str(error)}
+    for index, probs in zip(ready, probabilities(model, np.stack(pixels) if pixels else np.zeros((0, SIDE, SIDE)))):
+        results[index] = describe(probs)
+    return results
+
+
+def predict_files(model: Any, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """One entry per path, in order: {path, label, confidence, probabilities} or {path, error}."""
+    paths = [str(path) for path in paths]
+    images: list[Image.Image] = []
+    readable: list[int] = []
+    results: list[dict[str, Any]] = [{"path": path} for path in paths]
+    for index, path in enumerate(paths):
+        try:
+            images.append(read_image(path))
+            readable.append(index)
+        except ImageError as error:
+            results[index]["error"] = str(error)
+    for index, answer in zip(readable, predict_images(model, images)):
+        if "error" in answer:
+            answer = {"error": f"{paths[index]}: {answer['error']}"}
+        results[index].update(answer)
+    return results
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline predict",
+        description="Predict the digit in each image (PNG, JPEG, BMP; any size, colour or grey).",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="picture files, one digit each")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL_URI,
+        help=f"models:/ or runs:/ URI, MLflow model folder or .keras file (default: {DEFAULT_MODEL_URI})",
+    )
+    parser.add_argument("--json", action="store_true", help="print a JSON array instead of lines")
+    return parser.parse_args(argv)
+
+
+def format_line(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"{result['path']}: error: {result['error'].removeprefix(result['path'] + ': ')}"
+    return f"{result['path']}: {result['label']} ({result['confidence']:.3f})"
+
+
+@exit_on_user_error
+def cli(argv: list[str] | None = None) -> int:
+    """Exit status 0 when every image was predicted, 1 when some could not be read."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    model = load_model(args.model)
+    results = predict_files(model, args.images)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(format_line(result), file=sys.stderr if "error" in result else sys.stdout)
+    return 1 if any("error" in result for result in results) else 0
+
+
+def main() -> None:
+    raise SystemExit(cli())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""A small web page to draw or upload a digit and see what the model predicts.
+
+    python -m pipeline web [--host 127.0.0.1] [--port 5005] [--model URI]
+
+POST /api/predict takes a multipart upload (field `image`) or JSON
+{"image": "data:image/png;base64,..."} and answers {label, confidence, probabilities};
+problems are answered as JSON {"error": "..."} with status 400, 413 or 503.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import logging
+import re
+import threading
+from typing import Any
+
+from flask import Flask, jsonify, render_template, request
+from werkzeug.exceptions import HTTPException
+
+from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.predict import (
+    DEFAULT_MODEL_URI,
+    ImageError,
+    describe,
+    load_model,
+    prepare_image,
+    probabilities,
+    read_image,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+(;[a-z0-9=.+-]+)*;base64,(?P<payload>.*)$", re.IGNORECASE | re.DOTALL)
+USAGE = 'send a multipart file field "image", or JSON {"image": "data:image/png;base64,..."}'
+
+
+class BadUpload(Exception):
+    """A request whose fields or image cannot be used; answered with 400 and its message."""
+
+
+class LazyModel:
+    """Loads the model on first use, once, even with concurrent requests."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._model: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                log.info("loading model %s", self.uri)
+                self._model = load_model(self.uri)
+            return self._model
+
+    def predict(self, pixels: Any) -> Any:
+        model = self.get()
+        with self._lock:  # Keras models are not documented as safe for concurrent calls
+            return probabilities(model, pixels)
+
+
+def decode_data_url(value: Any) -> bytes:
+    """The bytes of a `data:image/...;base64,` URL; BadUpload if it is anything else."""
+    if not isinstance(value, str):
+        raise BadUpload(f'"image" must be a data URL string; {USAGE}')
+    match = DATA_URL.match(value.strip())
+    if not match:
+        raise BadUpload(f'"image" is not a data:image/...;base64, URL; {USAGE}')
+    try:
+        return base64.b64decode(match["payload"], validate=True)
+    except (binascii.Error, ValueError):
+        raise BadUpload('"image" holds invalid base64 data') from None
+
+
+def image_bytes_from_request() -> tuple[bytes, str]:
+    """The uploaded picture's bytes and a name for messages, from a file field or JSON."""
+    if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        upload = request.files.get("image")
+        if upload is None:
+            fields = sorted(set(request.files) | set(request.form))
+            raise BadUpload(f"no file field \"image\" (got {fields or 'no fields'}); {USAGE}")
+        return upload.read(), upload.filename or "upload"
+    if request.is_json:
+        payload = request.get_json(silent=True)
+        if not isinstance(payload, dict) or "image" not in payload:
+            raise BadUpload(f'JSON body needs an "image" key; {USAGE}')
+        return decode_data_url(payload["image"]), "drawing"
+    raise BadUpload(f"unsupported content type {request.mimetype or 'none'!r}; {USAGE}")
+
+
+def create_app(model_uri: str = DEFAULT_MODEL_URI, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flask:
+    """The web app; the model is loaded at the first prediction (or by `warm_up`)."""
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
+    app.config["MAX_FORM_MEMORY_SIZE"] = max_upload_bytes
+    app.extensions["mnist_model"] = LazyModel(model_uri)
+    limit_mb = max_upload_bytes / (1024 * 1024)
+
+    @app.get("/")
+    def index() -> str:
+        return render_template("index.html", model_uri=model_uri, limit_mb=f"{limit_mb:g}")
+
+    @app.get("/healthz")
+    def health() -> Any:
+        model: LazyModel = app.extensions["mnist_model"]
+        return jsonify(status="ok", model=model.uri, loaded=model.loaded)
+
+    @app.post("/api/predict")
+    def predict() -> Any:
+        data, name = image_bytes_from_request()
+        if not data:
+            raise BadUpload(f"{name} is empty; {USAGE}")
+        try:
+            pixels = prepare_image(read_image(io.BytesIO(data), name=name))
+        except ImageError as error:
+            raise BadUpload(str(error)) from None
+        model: LazyModel = app.extensions["mnist_model"]
+        return jsonify(describe(model.predict(pixels[None])[0]))
+
+    @app.errorhandler(BadUpload)
+    def bad_upload(error: BadUpload) -> Any:
+        return jsonify(error=str(error)), 400
+
+    @app.errorhandler(PipelineError)
+    def model_unavailable(error: PipelineError) -> Any:
+        log.error("%s", error)
+        return jsonify(error=str(error)), 503
+
+    @app.errorhandler(413)
+    def too_large(_: HTTPException) -> Any:
+        return jsonify(error=f"upload too large; send an image of at most {limit_mb:g} MB"), 413
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException) -> Any:
+        if request.path.startswith("/api/"):
+            return jsonify(error=f"{error.name}: {error.description}"), error.code
+        return error
+
+    return app
+
+
+def warm_up(app: Flask) -> None:
+    """Load the model now, so that a bad --model fails before the server starts."""
+    app.extensions["mnist_model"].get()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline web", description="Draw or upload a digit, see the prediction.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5005, help="port (default: 5005)")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL_URI,
+        help=f"models:/ or runs:/ URI, MLflow model folder or .keras file (default: {DEFAULT_MODEL_URI})",
+    )
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    app = create_app(args.model)
+    warm_up(app)
+    print(f"serving on http://{args.host}:{args.port}/ (model {args.model}); Ctrl+C stops", flush=True)
+    try:
+        app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
+    except OSError as error:
+        raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
+    return 0
+
+
+def main() -> None:
+    raise SystemExit(cli())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Promotion, rollback and races against a real MLflow SQLite store with real logged Keras models."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+
+import pytest
+
+from pipeline import registry
+from pipeline.config import Recipe
+from pipeline.errors import PipelineError
+from tests.e2e.conftest import run
+
+pytestmark = pytest.mark.slow
+MODEL = "mnist-cnn"
+DIGEST = "data-v1"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """An empty embedded store in tmp_path, which is also the project root (for the lock file)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    from pipeline.tracking import ensure_experiment
+
+    ensure_experiment("mnist")
+    return tmp_path
+
+
+def register_version(accuracy: float, digest: str = DIGEST) -> str:
+    """Log a small real Keras model in a run and register it with its test metrics as tags."""
+    import mlflow
+    import mlflow.keras
+
+    from pipeline.model import build_model
+    from pipeline.train import model_signature
+
+    model = build_model(Recipe(conv_filters=[4], dense_units=0))
+    with mlflow.start_run() as active:
+        info = mlflow.keras.log_model(model, name="model", signature=model_signature())
+    version = registry.register(info.model_uri, MODEL, active.info.run_id,
+                                {"test_accuracy": f"{accuracy:.6f}", "test_data_sha256": digest})
+    return str(version.version)
+
+
+def champion() -> str | None:
+    holder = registry.alias_version(registry.client(), MODEL, registry.CHAMPION)
+    return None if holder is None else str(holder.version)
+
+
+def no_rescoring(uri):
+    raise AssertionError(f"{uri} should not be re-scored: its tags match the test data")
+
+
+def test_worse_is_never_promoted_better_is_and_rollback_restores(store):
+    first = register_version(0.950)
+    assert registry.promote(MODEL, first, 0.001, DIGEST, no_rescoring).promote
+    assert champion() == first
+
+    worse = register_version(0.949)
+    decision = registry.promote(MODEL, worse, 0.001, DIGEST, no_rescoring)
+    assert not decision.promote and champion() == first
+    tags = registry.client().get_model_version(MODEL, worse).tags
+    assert tags["validation_status"] == "rejected"
+    assert tags["compared_champion_accuracy"] == "0.950000" and tags["compared_champion_version"] == first
+    assert str(registry.alias_version(registry.client(), MODEL, registry.CHALLENGER).version) == worse
+
+    within_margin = register_version(0.9505)
+    assert not registry.promote(MODEL, within_margin, 0.001, DIGEST, no_rescoring).promote
+
+    better = register_version(0.960)
+    assert registry.promote(MODEL, better, 0.001, DIGEST, no_rescoring).promote
+    assert champion() == better
+    assert registry.client().get_model_version(MODEL, better).tags["validation_status"] == "promoted"
+
+    moved_from, moved_to = registry.rollback_champion(registry.client(), MODEL)
+    assert (moved_from, moved_to) == (better, first) and champion() == first
+    with pytest.raises(PipelineError, match="first champion; nothing to roll back"):
+        registry.rollback_champion(registry.client(), MODEL)
+
+    rows = registry.version_rows(MODEL)
+    assert [row["version"] for row in rows] == [better, within_margin, worse, first]
+    assert rows[-1]["aliases"] == "champion"
+
+
+def test_champion_is_rescored_when_test_data_changed(store):
+    first = register_version(0.990, digest="old-data")
+    registry.promote(MODEL, first, 0.0, "old-data", no_rescoring)
+    scored = []
+
+    def score(uri):
+        scored.append(uri)
+        return 0.900  # the champion does worse on the new test data
+
+    candidate = register_version(0.950, digest="new-data")
+    assert registry.promote(MODEL, candidate, 0.001, "new-data", score).promote
+    assert scored == [f"models:/{MODEL}/{first}"] and champion() == candidate
+
+
+def test_failure_while_deciding_keeps_the_champion(store):
+    first = register_version(0.950, digest="old-data")
+    registry.promote(MODEL, first, 0.0, "old-data", no_rescoring)
+    candidate = register_version(0.999, digest="new-data")
+
+    def broken_score(uri):
+        raise OSError("model files unreadable")
+
+    with pytest.raises(OSError):
+        registry.promote(MODEL, candidate, 0.0, "new-data", broken_score)
+    assert champion() == first
+
+
+def _promote_in_process(tracking_uri: str, root: str, version: str, barrier) -> None:
+    import os
+
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
+    barrier.wait()
+    registry.promote(MODEL, version, 0.001, DIGEST, no_rescoring)
+
+
+def test_racing_promotions_leave_exactly_the_best_champion(store):
+    import os
+
+    registry.promote(MODEL, register_version(0.970), 0.001, DIGEST, no_rescoring)
+    good, best = register_version(0.980), register_version(0.990)
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_promote_in_process, args=(os.environ["MLFLOW_TRACKING_URI"], str(store), v, barrier))
+               for v in (good, best)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert champion() == best
+
+
+def test_promote_and_rollback_commands(store, repo_root):
+    first = register_version(0.95)
+    registry.promote(MODEL, first, 0.0, DIGEST, no_rescoring)
+    second = register_version(0.97)
+    registry.promote(MODEL, second, 0.0, DIGEST, no_rescoring)
+    (store / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    import numpy as np
+
+    from pipeline.preprocess import Split, write_splits
+
+    rng = np.random.default_rng(0)
+    write_splits({"test": Split(rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+                                (np.arange(50) % 10).astype(np.uint8))}, store / "data" / "prepared")
+    listed = run([sys.executable, "-m", "pipeline", "registry"], store).stdout
+    assert "champion" in listed and "0.970000" in listed
+    rolled = run([sys.executable, "-m", "pipeline", "rollback"], store)
+    assert f"from v{second} to v{first}" in rolled.stdout and champion() == first
+    missing = run([sys.executable, "-m", "pipeline", "promote", "--version", "99"], store, check=False)
+    assert missing.returncode == 2 and "has no version 99" in missing.stderr
+    forced = run([sys.executable, "-m", "pipeline", "promote", "--version", second, "--force"], store)
+    assert f"v{second}: promoted" in forced.stdout and champion() == second
