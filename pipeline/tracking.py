@@ -58,6 +58,8 @@ def ensure_experiment(name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     uri = configure_tracking()
+    if _is_remote(uri) and not uri.startswith("databricks"):
+        check_server(uri)
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
@@ -77,6 +79,19 @@ def ensure_experiment(name: str) -> str:
         ) from None
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def check_server(uri: str, timeout_s: float = 10.0) -> None:
+    """One quick health probe, so a down server fails in seconds rather than after MLflow's retries."""
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as error:
+        raise PipelineError(
+            f"MLflow tracking store {uri} is unreachable ({type(error).__name__}); start the server "
+            "or unset MLFLOW_TRACKING_URI to use the embedded store"
+        ) from None
 
 
 def _is_remote(uri: str) -> bool:
