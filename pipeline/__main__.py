@@ -11,7 +11,8 @@ from pipeline.errors import PipelineError, exit_on_user_error
 
 # command -> (module, help); each module exposes main(argv) or cli(argv)
 DELEGATED = {
-    "tune": ("pipeline.tune", "run or extend the Optuna study (--more N adds trials)"),
+    "tune": ("pipeline.tune", "run or extend the Optuna study (--more N adds trials, --workers N)"),
+    "tune-worker": ("pipeline.tune:worker_main", "join the study in params.yaml as one more worker"),
     "predict": ("pipeline.predict", "predict digits in your own image files"),
     "web": ("pipeline.web", "serve a page to draw or upload a digit"),
 }
@@ -89,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:
-        module = importlib.import_module(DELEGATED[argv[0]][0])
-        entry = getattr(module, "cli", None) or module.main
+        module_name, _, function = DELEGATED[argv[0]][0].partition(":")
+        module = importlib.import_module(module_name)
+        entry = getattr(module, function) if function else getattr(module, "cli", None) or module.main
         return entry(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     if args.command == "info":

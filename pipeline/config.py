@@ -144,6 +144,7 @@ class TuneParams(_Strict):
     epochs: PositiveInt = 4
     pruner: Literal["hyperband", "successive_halving", "median", "none"] = "median"
     enqueue_preset: bool = True  # trial 0 is the untuned preset, the baseline to beat
+    workers: PositiveInt = 1  # local worker processes sharing the study (use an RDB server for >1)
     heartbeat_interval_s: PositiveInt = 10  # a running trial's worker beats this often ...
     grace_period_s: PositiveInt = 30  # ... and its trial is failed (and retried once) after this long silent
     output: str = "models/best_params.json"

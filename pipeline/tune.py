@@ -342,52 +342,103 @@ def log_study_figures(study, directory: Path) -> list[Path]:
     return written
 
 
-def run_session(params: Params, n_trials: int, timeout_s: int | None = None, study=None) -> dict:
-    """Run up to `n_trials` more trials in one MLflow parent run; returns the study summary."""
-    import mlflow
+def optimize(study, params: Params, budget: int, parent_run_id: str | None, n_trials: int | None = None,
+             timeout_s: int | None = None) -> None:
+    """Run trials in this process until the study holds `budget` finished trials (shared by all
+    workers of the study), or `n_trials` here, or the timeout."""
     import optuna
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    study.optimize(
+        Objective(params, tuning_data(params), parent_run_id), n_trials=n_trials, timeout=timeout_s or None,
+        callbacks=[MaxTrialsCallback(budget, states=(TrialState.COMPLETE, TrialState.PRUNED))],
+        gc_after_trial=True, catch=(),
+    )
+
+
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """TF threads per worker so that workers x threads <= cores."""
+    return max(1, (cores or os.cpu_count() or 1) // max(workers, 1))
+
+
+def launch_workers(params_path: str, workers: int, budget: int, parent_run_id: str) -> list[int]:
+    """Start local `tune-worker` processes on the study and wait; returns their exit codes."""
+    import subprocess
+    import sys
+
+    threads = worker_threads(workers)
+    command = [sys.executable, "-m", "pipeline.tune", "--worker", "--params", params_path,
+               "--budget", str(budget), "--parent-run-id", parent_run_id, "--threads", str(threads)]
+    log.info("starting %d workers with %d TF threads each", workers, threads)
+    processes = [subprocess.Popen(command) for _ in range(workers)]
+    return [process.wait() for process in processes]
+
+
+def run_session(params: Params, n_trials: int, timeout_s: int | None = None, study=None,
+                workers: int = 1, params_path: str = "params.yaml") -> dict:
+    """Run up to `n_trials` more trials under one MLflow parent run (in this process or in
+    `workers` local worker processes); returns the study summary."""
+    import mlflow
 
     from pipeline import tracking
 
     study = study or open_study(params)
     tune = params.tune
-    base = params.presets[tune.base_preset]
     if tune.enqueue_preset and not study.trials:
-        baseline = baseline_params(base, tune.space)
+        baseline = baseline_params(params.presets[tune.base_preset], tune.space)
         if baseline:
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
     tracking.ensure_experiment(params.tracking.experiment)
     if closed := close_failed_trial_runs(study):
         log.info("marked %d MLflow trial run(s) of dead workers as FAILED", closed)
-    data = tuning_data(params)
-    optuna.logging.set_verbosity(optuna.logging.INFO)
-    target = finished_trials(study) + n_trials
+    budget = finished_trials(study) + n_trials
     with mlflow.start_run(run_name=f"study {tune.study_name}",
                           tags={**tracking.run_tags("tune-study", params_hash(params)),
                                 "optuna.study": tune.study_name, "optuna.storage": tune.storage}) as parent:
         mlflow.log_params({"n_trials": n_trials, "pruner": tune.pruner, "tune_epochs": tune.epochs,
-                           "train_images": tune.train_images, "val_images": tune.val_images,
+                           "train_images": tune.train_images, "val_images": tune.val_images, "workers": workers,
                            "base_preset": tune.base_preset, "space": json.dumps(
                                {k: v.model_dump() for k, v in tune.space.items()})})
         log.info("study %s: %d finished trials, running up to %d more", tune.study_name, finished_trials(study), n_trials)
-        study.optimize(
-            Objective(params, data, parent.info.run_id), n_trials=n_trials, timeout=timeout_s or None,
-            callbacks=[MaxTrialsCallback(target, states=(TrialState.COMPLETE, TrialState.PRUNED))],
-            gc_after_trial=True, catch=(),
-        )
+        if workers > 1:
+            codes = launch_workers(params_path, workers, budget, parent.info.run_id)
+            if finished_trials(study) < budget and any(codes):
+                raise PipelineError(f"tuning workers exited with {codes} before the study reached {budget} trials; "
+                                    "see their output above, then re-run to resume")
+        else:
+            optimize(study, params, budget, parent.info.run_id, n_trials, timeout_s)
         summary = study_summary(study, tune.base_preset)
-        mlflow.log_metrics({"best_val_accuracy": summary["best_value"],
-                            **{f"trials_{state.lower()}": n for state, n in summary["trials"].items()}})
-        if summary["baseline_value"] is not None:
-            mlflow.log_metric("baseline_val_accuracy", summary["baseline_value"])
-        mlflow.log_params({f"best.{k}": v for k, v in summary["trial_params"].items()})
-        with tempfile.TemporaryDirectory() as tmp:
-            for path in log_study_figures(study, Path(tmp)):
-                mlflow.log_artifact(str(path), "figures")
-        mlflow.log_dict(summary, "study_summary.json")
+        log_summary(study, summary)
     return summary
+
+
+def log_summary(study, summary: dict) -> None:
+    """The parent run's record: best value and params, baseline, trial counts and Optuna's figures."""
+    import mlflow
+
+    mlflow.log_metrics({"best_val_accuracy": summary["best_value"],
+                        **{f"trials_{state.lower()}": n for state, n in summary["trials"].items()}})
+    if summary["baseline_value"] is not None:
+        mlflow.log_metric("baseline_val_accuracy", summary["baseline_value"])
+    mlflow.log_params({f"best.{k}": v for k, v in summary["trial_params"].items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in log_study_figures(study, Path(tmp)):
+            mlflow.log_artifact(str(path), "figures")
+    mlflow.log_dict(summary, "study_summary.json")
+
+
+def run_worker(params: Params, budget: int | None, parent_run_id: str | None) -> None:
+    """One worker of a shared study (any machine): trials until the study-wide budget is reached."""
+    from pipeline import tracking
+
+    study = open_study(params, create=False)
+    tracking.ensure_experiment(params.tracking.experiment)
+    budget = budget or params.tune.n_trials
+    log.info("worker %d joins study %s (%d/%d finished)", os.getpid(), params.tune.study_name,
+             finished_trials(study), budget)
+    optimize(study, params, budget, parent_run_id, timeout_s=params.tune.timeout_s)
 
 
 def describe(summary: dict) -> str:
@@ -401,7 +452,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline tune", description=__doc__.splitlines()[0])
     parser.add_argument("--more", type=int, default=0, metavar="N",
                         help="add N trials to the existing study beyond tune.n_trials")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="run the study in N local worker processes (default: tune.workers)")
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    worker = parser.add_argument_group("worker mode (`python -m pipeline tune-worker`)")
+    worker.add_argument("--worker", action="store_true", help="join an existing study as one worker")
+    worker.add_argument("--budget", type=int, default=0, help="finished trials the whole study stops at")
+    worker.add_argument("--parent-run-id", default=None, help="MLflow run that trial runs nest under")
+    worker.add_argument("--threads", type=int, default=0, help="TF threads for this worker (0: runtime params)")
     return parser.parse_args(argv)
 
 
@@ -411,18 +469,30 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging()
     params = load_params(args.params)
     validate_space(params.presets[params.tune.base_preset], params.tune.space)
-    if args.more < 0:
-        raise PipelineError("--more must be a positive number of trials")
-    setup_tensorflow(params.runtime, params.seed)
+    if args.more < 0 or args.workers < 0:
+        raise PipelineError("--more and --workers take positive numbers")
+    runtime = params.runtime
+    if args.threads:
+        runtime = runtime.model_copy(update={"intra_op_threads": args.threads, "inter_op_threads": 1})
+    setup_tensorflow(runtime, params.seed)
+    if args.worker:
+        run_worker(params, args.budget, args.parent_run_id)
+        return
     study = open_study(params)
     remaining = args.more if args.more else max(params.tune.n_trials - finished_trials(study), 0)
     if remaining:
-        run_session(params, remaining, params.tune.timeout_s, study)
+        run_session(params, remaining, params.tune.timeout_s, study,
+                    workers=args.workers or params.tune.workers, params_path=args.params)
     else:
         log.info("study %s already has %d finished trials (tune.n_trials=%d); nothing to run",
                  params.tune.study_name, finished_trials(study), params.tune.n_trials)
     content = write_best_params(study, params, Path(params.tune.output))
     log.info("%s; wrote %s", describe(content), params.tune.output)
+
+
+def worker_main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline tune-worker`: one worker joining the study named in params.yaml."""
+    main(["--worker", *(argv or [])])
 
 
 if __name__ == "__main__":

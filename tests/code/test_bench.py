@@ -1,0 +1,154 @@
+"""The benchmarks: pure pieces on fakes, then both commands end to end at a tiny scale."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+from bench.pruning import saving, summarize_arm, trial_record
+from bench.report import pruning_markdown, train_markdown
+from bench.training import first_reaching, inference_throughput, ratio, threshold_key
+from pipeline.config import Recipe
+from pipeline.preprocess import Split, stratified_take
+from tests.conftest import REPO_ROOT
+
+
+# ---- pure pieces ----------------------------------------------------------------------------------
+
+def test_first_reaching_reports_the_first_epoch_at_or_above_the_threshold():
+    accuracies, seconds = [0.981, 0.990, 0.989, 0.996], [10.0, 20.0, 30.0, 40.0]
+    assert first_reaching(accuracies, seconds, 0.99) == {"epochs": 2, "seconds": 20.0}
+    assert first_reaching(accuracies, seconds, 0.995) == {"epochs": 4, "seconds": 40.0}
+    assert first_reaching(accuracies, seconds, 0.999) == {"epochs": None, "seconds": None}
+    assert [threshold_key(t) for t in (0.99, 0.995)] == ["99.0", "99.5"]
+
+
+def test_ratio_is_none_when_either_side_is_missing():
+    assert ratio(3.0, 2.0) == 1.5
+    assert ratio(None, 2.0) is None and ratio(3.0, None) is None and ratio(3.0, 0.0) is None
+
+
+def test_inference_throughput_warms_up_then_counts_images():
+    calls = []
+    result = inference_throughput(lambda batch: calls.append(batch.shape[0]), np.zeros((10, 28, 28, 1), np.float32),
+                                  (1, 32), min_seconds=0.0, warmup_calls=2, min_calls=5)
+    assert calls == [1] * 7 + [32] * 7  # 2 warm-up + 5 timed per size; 32 > 10 images repeats them
+    assert set(result) == {"1", "32"} and all(r["calls"] == 5 and r["images_per_s"] > 0 for r in result.values())
+
+
+def fake_trial(number: int, state: str, values: list[float]):
+    """A finished trial that reported one value per epoch trained."""
+    trial = optuna.trial.create_trial(
+        state=optuna.trial.TrialState[state], value=values[-1] if state == "COMPLETE" else None,
+        params={"dropout": 0.1}, distributions={"dropout": optuna.distributions.FloatDistribution(0.0, 0.5)},
+        intermediate_values=dict(enumerate(values)))
+    trial.number = number
+    return trial
+
+
+def test_pruned_trials_count_only_the_epochs_they_ran():
+    trials = [trial_record(fake_trial(0, "COMPLETE", [0.9, 0.95, 0.97])), trial_record(fake_trial(1, "PRUNED", [0.5])),
+              trial_record(fake_trial(2, "COMPLETE", [0.92, 0.96, 0.98]))]
+    assert [t["epochs"] for t in trials] == [3, 1, 3]
+    pruned = summarize_arm("median", trials, wall_seconds=7.0, max_epochs=3)
+    assert (pruned["trial_epochs"], pruned["pruned"], pruned["complete"], pruned["best_trial"]) == (7, 1, 2, 2)
+    unpruned = summarize_arm("none", [trial_record(fake_trial(n, "COMPLETE", [0.9, 0.95, 0.97])) for n in range(3)],
+                             wall_seconds=10.0, max_epochs=3)
+    assert saving(pruned, unpruned) == {"trial_epochs_ratio": 0.778, "trial_epochs_saved_fraction": 0.222,
+                                        "wall_seconds_ratio": 0.7, "best_val_accuracy_difference": 0.01}
+
+
+# ---- end to end, tiny ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_params(mnist_npz, tmp_path_factory) -> Path:
+    """The repo's params.yaml (its presets as they are now) over a few hundred prepared images."""
+    work = tmp_path_factory.mktemp("bench")
+    prepared = work / "prepared"
+    prepared.mkdir()
+    with np.load(mnist_npz) as raw:
+        train, test = Split(raw["x_train"], raw["y_train"]), Split(raw["x_test"], raw["y_test"])
+    for name, split, size in (("train", train, 400), ("val", train, 200), ("test", test, 200)):
+        part = stratified_take(split, size, seed=len(name))
+        np.savez(prepared / f"{name}.npz", x=part.x, y=part.y)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["preprocess"]["output_dir"] = str(prepared)
+    params["tune"]["output"] = str(work / "no_best_params.json")  # the default preset runs untuned
+    path = work / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_bench(*args: str, out: Path, env: dict | None = None) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    result = subprocess.run([sys.executable, "-m", "bench", *args, "--out", str(out)], cwd=REPO_ROOT,
+                            env={**clean, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_train_benchmark_tiny(tiny_params, tmp_path):
+    run_bench("train", "--params", str(tiny_params), "--epochs-reference", "1", "--epochs-default", "2",
+              "--inference-seconds", "0.05", "--serve", out=tmp_path,
+              env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"})
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["command"].startswith("python -m bench train")
+    assert {"cpu_model", "usable_cores", "tensorflow", "keras", "date"} <= set(record["machine"])
+    models = record["models"]
+    assert set(models) == {"reference", "default"}
+    assert (models["reference"]["epochs"], models["default"]["epochs"]) == (1, 2)
+    presets = yaml.safe_load(tiny_params.read_text())["presets"]
+    assert models["reference"]["recipe"] == Recipe.model_validate(presets["reference"]).model_dump()
+    for model in models.values():
+        epochs = model["epochs"]
+        assert model["train_images"] == 400 and model["test_images"] == 200
+        assert len(model["test_accuracy_by_epoch"]) == len(model["train_seconds_by_epoch"]) == epochs
+        assert model["train_seconds_by_epoch"] == sorted(model["train_seconds_by_epoch"])
+        assert model["train_seconds"] == pytest.approx(model["train_seconds_by_epoch"][-1], abs=1e-3)
+        assert model["final_test_accuracy"] == pytest.approx(model["test_accuracy_by_epoch"][-1], abs=1e-5)
+        assert 0.0 <= model["final_test_accuracy"] <= model["best_test_accuracy"] <= 1.0
+        for reached in model["to_accuracy"].values():
+            assert reached["epochs"] is None or 1 <= reached["epochs"] <= epochs
+            assert (reached["epochs"] is None) == (reached["seconds"] is None)
+        memory = model["memory"]
+        assert 0 < memory["rss_after_setup_mib"] <= memory["peak_rss_training_mib"]
+        assert set(model["inference"]) == {"1", "32", "1000"}
+        assert all(row["images_per_s"] > 0 for row in model["inference"].values())
+    assert models["reference"]["dtype_policy"] == "float32"
+    ratios = record["ratios_default_over_reference"]
+    assert ratios["train_seconds"] == ratio(models["default"]["train_seconds"], models["reference"]["train_seconds"])
+    assert set(ratios["inference_images_per_s"]) == {"1", "32", "1000"}
+    assert "no models:/mnist-cnn@champion" in record["serve"]["skipped"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown == train_markdown(record) + "\n" and "| Epochs to 99.0 % test accuracy |" in markdown
+
+
+@pytest.mark.slow
+def test_pruning_benchmark_tiny(tiny_params, tmp_path):
+    run_bench("pruning", "--params", str(tiny_params), "--trials", "2", "--epochs", "2", "--train-images", "200",
+              "--val-images", "100", out=tmp_path)
+    record = json.loads((tmp_path / "pruning.json").read_text())
+    assert record["settings"] | {"n_trials": 2, "epochs": 2, "train_images": 200, "val_images": 100} == record["settings"]
+    pruned, unpruned = record["arms"]["pruned"], record["arms"]["unpruned"]
+    assert pruned["pruner"] == yaml.safe_load(tiny_params.read_text())["tune"]["pruner"] and unpruned["pruner"] == "none"
+    assert unpruned["pruned"] == 0 and unpruned["trial_epochs"] == unpruned["trial_epochs_without_pruning"] == 4
+    assert pruned["trial_epochs"] <= unpruned["trial_epochs"]
+    for arm in (pruned, unpruned):
+        assert arm["trials"] == arm["complete"] + arm["pruned"] == len(arm["per_trial"]) == 2
+        assert arm["trial_epochs"] == sum(t["epochs"] for t in arm["per_trial"])
+        assert all(1 <= t["epochs"] <= 2 for t in arm["per_trial"])
+        assert all(t["epochs"] == 2 for t in arm["per_trial"] if t["state"] == "COMPLETE")
+        assert 0.0 <= arm["best_val_accuracy"] <= 1.0 and arm["wall_seconds"] > 0
+    assert pruned["per_trial"][0]["params"] == unpruned["per_trial"][0]["params"]  # same seed, same first trial
+    assert record["saving"] == saving(pruned, unpruned)
+    assert (tmp_path / "pruning.md").read_text() == pruning_markdown(record) + "\n"
