@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import socket
 import tempfile
 import time
 import warnings
@@ -238,6 +239,7 @@ class Objective:
             tags["mlflow.parentRunId"] = self.parent_run_id
         with mlflow.start_run(run_name=f"trial {trial.number}", nested=nested, tags=tags) as run:
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             mlflow.log_params({**{f"trial.{k}": str(v) for k, v in overrides.items()},
                                **tracking.flatten("recipe", recipe.model_dump()), "trial_number": trial.number})
             model = build_model(recipe, seed=self.params.seed)
