@@ -143,6 +143,24 @@ def test_sqlite_store_is_not_a_dvc_output(tiny_project):
         assert db.execute("select count(*) from runs").fetchone()[0] >= 4
 
 
+def test_second_clone_pulls_instead_of_recomputing(tiny_project, tmp_path):
+    import subprocess
+
+    remote = tmp_path / "remote"
+    dvc("remote", "modify", "--local", "store", "url", str(remote), project=tiny_project)
+    dvc("push", project=tiny_project)
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "-A"], cwd=tiny_project, check=True)
+    subprocess.run([*git, "commit", "-qm", "pipeline results"], cwd=tiny_project, check=True)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(tiny_project), str(clone)], check=True)
+    dvc("remote", "modify", "--local", "store", "url", str(remote), project=clone)
+    dvc("pull", project=clone)
+    assert (clone / "models" / "model.keras").read_bytes() == (tiny_project / "models" / "model.keras").read_bytes()
+    result = dvc("repro", project=clone)
+    assert "Running stage" not in result.stdout  # everything came from the remote
+
+
 def versions_and_champion(project) -> tuple[int, str]:
     client = mlflow_client(project)
     return (len(client.search_model_versions("name='mnist-cnn'")),
