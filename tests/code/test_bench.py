@@ -152,3 +152,37 @@ def test_pruning_benchmark_tiny(tiny_params, tmp_path):
     assert pruned["per_trial"][0]["params"] == unpruned["per_trial"][0]["params"]  # same seed, same first trial
     assert record["saving"] == saving(pruned, unpruned)
     assert (tmp_path / "pruning.md").read_text() == pruning_markdown(record) + "\n"
+
+
+CHAMPION_AND_SERVE = """
+import json, sys
+import mlflow, mlflow.keras, numpy as np
+from pipeline.config import Recipe
+from pipeline.model import build_model, compile_model
+from pipeline.runtime import setup_logging
+from pipeline.train import model_signature
+from bench.serving import measure_serving
+
+setup_logging()
+mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", artifact_location=sys.argv[1]))
+model = compile_model(build_model(Recipe()), Recipe(), 1)
+with mlflow.start_run():
+    info = mlflow.keras.log_model(model, name="model", signature=model_signature(), registered_model_name="mnist-cnn")
+mlflow.MlflowClient().set_registered_model_alias("mnist-cnn", "champion", info.registered_model_version)
+print(json.dumps(measure_serving("mnist-cnn", np.zeros((28, 28), np.uint8), requests_timed=5)))
+"""
+
+
+@pytest.mark.slow
+def test_serving_latency_of_a_registered_champion(tmp_path):
+    """An untrained model registered as champion in a scratch store, served and timed for real."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    result = subprocess.run([sys.executable, "-c", CHAMPION_AND_SERVE, (tmp_path / "artifacts").as_uri()],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**clean, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
+                                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    latency = json.loads(result.stdout.strip().splitlines()[-1])
+    assert latency["model_uri"] == "models:/mnist-cnn@champion" and str(latency["version"]) == "1"
+    assert latency["requests"] == 5 and 0 < latency["min_ms"] <= latency["median_ms"] <= latency["p95_ms"] <= latency["max_ms"]
+    assert 0 <= latency["predicted_digit"] <= 9

@@ -81,8 +81,9 @@ def test_instances_format_and_integers_are_accepted(served_champion):
 
 @pytest.mark.parametrize(
     "body",
-    [b"{not json", json.dumps({"inputs": [[1, 2, 3]]}).encode(), json.dumps({"wrong_key": []}).encode()],
-    ids=["malformed-json", "wrong-shape", "unknown-field"],
+    [b"{not json", json.dumps({"inputs": [[1, 2, 3]]}).encode(), json.dumps({"wrong_key": []}).encode(), b"",
+     json.dumps({"inputs": [[["a"] * 28] * 28]}).encode()],
+    ids=["malformed-json", "wrong-shape", "unknown-field", "empty", "wrong-dtype"],
 )
 def test_bad_requests_get_4xx_with_a_message_and_server_keeps_serving(served_champion, body):
     status, answer = post(f"{served_champion}/invocations", body)

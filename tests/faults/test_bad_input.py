@@ -136,6 +136,29 @@ def test_unreachable_tracking_server_fails_before_training(project):
     assert not (project / "models" / "model.keras").exists()
 
 
+def test_damaged_model_file_is_reported(project):
+    models = project / "models"
+    models.mkdir(exist_ok=True)
+    (models / "train_run.json").write_text('{"run_id": "0", "model_uri": "models:/m-0"}')
+    (project / "metrics").mkdir(exist_ok=True)
+    (project / "metrics" / "train_history.csv").write_text("epoch,loss,accuracy,val_loss,val_accuracy,learning_rate\n")
+    (models / "model.keras").write_bytes(b"PK\x03\x04 not really a keras archive")
+    line = one_error_line(run([sys.executable, "-m", "pipeline.evaluate"], project, check=False))
+    assert "model.keras cannot be loaded" in line and "dvc repro -f train" in line
+    assert not (project / "metrics" / "evaluate.json").exists()
+
+
+def test_garbled_params_file_is_reported(project):
+    path = project / "params.yaml"
+    original = path.read_text()
+    path.write_text(original.replace("train:", "train: [", 1))
+    try:
+        line = one_error_line(run([sys.executable, "-m", "pipeline.train"], project, check=False))
+    finally:
+        path.write_text(original)
+    assert "params.yaml is not valid YAML at line" in line
+
+
 def test_dvc_repro_with_bad_param_exits_non_zero(project):
     original = with_params(project, lambda p: p["evaluate"].update(batch_size=0))
     try:
