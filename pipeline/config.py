@@ -30,6 +30,8 @@ class RuntimeParams(_Strict):
     intra_op_threads: Annotated[int, Field(ge=0)] = 0  # 0: one per core
     inter_op_threads: Annotated[int, Field(ge=0)] = 0
     deterministic: bool = True
+    # auto: mixed_bfloat16 where the CPU computes bf16 natively (AMX or AVX512-BF16), else float32
+    precision: Literal["auto", "float32", "mixed_bfloat16"] = "auto"
 
 
 class FetchParams(_Strict):
@@ -79,7 +81,6 @@ class TrainParams(_Strict):
     use_tuned: bool = True  # overlay the tune stage's best params on the preset
     epochs: PositiveInt = 12
     patience: PositiveInt = 4  # early stopping on val_accuracy
-    mixed_bfloat16: bool = False
     output_dir: str = "models"
 
 

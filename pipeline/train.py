@@ -88,8 +88,6 @@ def fit(recipe: Recipe, train: TrainParams, x_train, y_train, x_val, y_val, seed
 
     from pipeline.model import build_model, compile_model
 
-    if train.mixed_bfloat16:
-        keras.mixed_precision.set_global_policy("mixed_bfloat16")
     model = build_model(recipe, seed=seed)
     steps = int(np.ceil(len(x_train) / recipe.batch_size)) * train.epochs
     compile_model(model, recipe, steps)

@@ -1,0 +1,22 @@
+from pipeline.config import RuntimeParams
+from pipeline.paths import project_root
+from pipeline.runtime import cpu_has_native_bfloat16, dtype_policy
+
+
+def test_bfloat16_is_detected_from_cpu_flags():
+    assert cpu_has_native_bfloat16("flags : fpu sse avx512f amx_bf16 amx_tile")
+    assert cpu_has_native_bfloat16("flags : fpu avx512_bf16")
+    assert not cpu_has_native_bfloat16("flags : fpu sse avx2 avx512f")
+
+
+def test_explicit_precision_wins_over_auto():
+    assert dtype_policy(RuntimeParams(precision="float32")) == "float32"
+    assert dtype_policy(RuntimeParams(precision="mixed_bfloat16")) == "mixed_bfloat16"
+    assert dtype_policy(RuntimeParams(precision="auto")) in ("float32", "mixed_bfloat16")
+
+
+def test_temp_experiment_folders_resolve_to_the_outer_repository(tmp_path):
+    inner = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    inner.mkdir(parents=True)
+    assert project_root(inner) == tmp_path / "repo"
+    assert project_root(tmp_path / "repo") == tmp_path / "repo"
