@@ -15,8 +15,8 @@ import yaml
 
 from bench.pruning import saving, summarize_arm, trial_record
 from bench.report import pruning_markdown, train_markdown
-from bench.training import first_reaching, inference_throughput, ratio, threshold_key
-from pipeline.config import Recipe
+from bench.training import default_dtype_policy, first_reaching, inference_throughput, ratio, threshold_key
+from pipeline.config import Recipe, load_params
 from pipeline.preprocess import Split, stratified_take
 from tests.conftest import REPO_ROOT
 
@@ -124,7 +124,8 @@ def test_train_benchmark_tiny(tiny_params, tmp_path):
         assert 0 < memory["rss_after_setup_mib"] <= memory["peak_rss_training_mib"]
         assert set(model["inference"]) == {"1", "32", "1000"}
         assert all(row["images_per_s"] > 0 for row in model["inference"].values())
-    assert models["reference"]["dtype_policy"] == "float32"
+    assert models["reference"]["dtype_policy"] == "float32"  # whatever the params say
+    assert models["default"]["dtype_policy"] == default_dtype_policy(load_params(tiny_params))
     ratios = record["ratios_default_over_reference"]
     assert ratios["train_seconds"] == ratio(models["default"]["train_seconds"], models["reference"]["train_seconds"])
     assert set(ratios["inference_images_per_s"]) == {"1", "32", "1000"}

@@ -1,0 +1,124 @@
+"""`python -m bench train|pruning`: run one benchmark, write <out>/<name>.json and <name>.md."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.runtime import setup_logging
+
+from bench.report import write_results
+
+log = logging.getLogger("bench")
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="reference vs default recipe: time to 99.0/99.5 %%, memory, inference")
+    train.add_argument("--epochs-reference", type=positive_int, default=5, help="epochs for the reference (default 5)")
+    train.add_argument("--epochs-default", type=positive_int, default=None,
+                       help="epochs for the default recipe (default: params.yaml train.epochs)")
+    train.add_argument("--train-limit", type=non_negative_int, default=0,
+                       help="train on a stratified subset of N images (default 0: the whole training split)")
+    train.add_argument("--test-limit", type=non_negative_int, default=0,
+                       help="score on a stratified subset of N test images (default 0: all)")
+    train.add_argument("--inference-seconds", type=positive_float, default=2.0,
+                       help="time spent timing each inference batch size per model (default 2.0)")
+    train.add_argument("--serve", action="store_true",
+                       help="also time requests to `mlflow models serve` of the registered champion")
+    train.add_argument("--serve-requests", type=positive_int, default=20, help="timed requests (default 20)")
+
+    pruning = commands.add_parser("pruning", help="the tuning study with and without its pruner")
+    pruning.add_argument("--trials", type=positive_int, default=None, help="trials per study (default: tune.n_trials)")
+    pruning.add_argument("--train-images", type=positive_int, default=None, help="default: tune.train_images")
+    pruning.add_argument("--val-images", type=positive_int, default=None, help="default: tune.val_images")
+    pruning.add_argument("--epochs", type=positive_int, default=None, help="epochs per trial (default: tune.epochs)")
+    pruning.add_argument("--pruner", choices=["hyperband", "successive_halving", "median"], default=None,
+                         help="the pruner to measure (default: tune.pruner)")
+
+    for command in (train, pruning):
+        command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        command.add_argument("--out", type=Path, default=BENCH_DIR, help=f"output folder (default: {BENCH_DIR})")
+    return parser.parse_args(argv)
+
+
+def bench_train(args: argparse.Namespace, params) -> tuple[dict, str]:
+    from bench.report import train_markdown
+    from bench.training import make_jobs, run_train_benchmark
+
+    jobs = make_jobs(params, args.epochs_reference, args.epochs_default, args.train_limit, args.test_limit,
+                     args.inference_seconds)
+    record = run_train_benchmark(params, jobs)
+    if args.serve:
+        from pipeline.preprocess import load_splits
+
+        from bench.serving import measure_serving
+
+        image = load_splits(params.preprocess.output_dir, ("test",))["test"].x[0]
+        record["serve"] = measure_serving(params.tracking.registered_model, image, args.serve_requests)
+    return record, train_markdown(record)
+
+
+def bench_pruning(args: argparse.Namespace, params) -> tuple[dict, str]:
+    from bench.pruning import run_pruning_benchmark, with_tune
+    from bench.report import pruning_markdown
+
+    params = with_tune(params, n_trials=args.trials, train_images=args.train_images, val_images=args.val_images,
+                       epochs=args.epochs, pruner=args.pruner)
+    record = run_pruning_benchmark(params)
+    return record, pruning_markdown(record)
+
+
+OUTPUT_STEMS = {"train": "results", "pruning": "pruning"}
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    if not Path(params.preprocess.output_dir).is_dir():
+        raise PipelineError(f"{params.preprocess.output_dir} is missing; run `dvc repro preprocess` first "
+                            "(from the repository root)")
+    record, markdown = (bench_train if args.command == "train" else bench_pruning)(args, params)
+    record = {"command": shlex.join(["python", "-m", "bench", *argv]), **record}
+    json_path, md_path = write_results(args.out, OUTPUT_STEMS[args.command], record, markdown)
+    print(markdown)
+    log.info("wrote %s and %s", json_path, md_path)
+
+from bench.report import write_results  # noqa: E402  (kept below main for reading order)
+
+
+if __name__ == "__main__":
+    main()

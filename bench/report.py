@@ -1,0 +1,120 @@
+"""Results as a JSON record and a Markdown table for the README."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MISSING = "—"
+
+
+def number(value, spec: str = ".1f", suffix: str = "") -> str:
+    return MISSING if value is None else f"{value:{spec}}{suffix}"
+
+
+def percent(value) -> str:
+    return MISSING if value is None else f"{100 * value:.2f} %"
+
+
+def times(value) -> str:
+    return MISSING if value is None else f"{value:.2f}×"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(machine: dict) -> str:
+    load = machine.get("load_average_1m_at_start")
+    return (f"{machine['cpu_model']}, {machine['usable_cores']} usable core(s), TensorFlow {machine.get('tensorflow', '?')}, "
+            f"Keras {machine.get('keras', '?')}, Python {machine['python']}, {machine['date'][:10]}"
+            + (f", load average {load} at start" if load is not None else ""))
+
+
+def write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_results(out_dir: Path, stem: str, record: dict, markdown: str) -> tuple[Path, Path]:
+    json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    write_atomically(json_path, json.dumps(record, indent=2) + "\n")
+    write_atomically(md_path, markdown.rstrip() + "\n")
+    return json_path, md_path
+
+
+# ---- the two tables ---------------------------------------------------------------------------------
+
+def model_label(model: dict) -> str:
+    notes = [note for note, on in (("tuned", model["tuned"]), ("bf16", model["dtype_policy"] != "float32")) if on]
+    return f"{model['role']}: `{model['preset']}`" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def train_markdown(record: dict) -> str:
+    reference, default = record["models"]["reference"], record["models"]["default"]
+    ratios = record["ratios_default_over_reference"]
+
+    def row(label, value, ratio_value=None, show_ratio=False):
+        return [label, value(reference), value(default), times(ratio_value) if show_ratio else ""]
+
+    rows = [
+        row("Epochs trained", lambda m: str(m["epochs"])),
+        row("Parameters", lambda m: f"{m['parameters']:,}"),
+    ]
+    for key in reference["to_accuracy"]:
+        slug = key.replace(".", "_")
+        rows.append(row(f"Epochs to {key} % test accuracy", lambda m, k=key: number(m["to_accuracy"][k]["epochs"], "d")))
+        rows.append(row(f"Training time to {key} % (s)", lambda m, k=key: number(m["to_accuracy"][k]["seconds"]),
+                        ratios[f"time_to_{slug}"], True))
+    rows += [
+        row("Test accuracy after last epoch", lambda m: percent(m["final_test_accuracy"])),
+        row("Training time, all epochs (s)", lambda m: number(m["train_seconds"]), ratios["train_seconds"], True),
+        row("Seconds per epoch", lambda m: number(m["seconds_per_epoch"], ".2f"), ratios["seconds_per_epoch"], True),
+        row("Peak RSS growth while training (MiB)", lambda m: number(m["memory"]["peak_rss_growth_training_mib"], ".0f"),
+            ratios["peak_rss_growth_training"], True),
+        row("Peak RSS of the process (MiB)", lambda m: number(m["memory"]["peak_rss_training_mib"], ".0f")),
+    ]
+    for size, value in ratios["inference_images_per_s"].items():
+        rows.append(row(f"Inference, batch {size} (images/s)",
+                        lambda m, s=size: number(m["inference"][s]["images_per_s"], ",.0f"), value, True))
+    settings = record["settings"]
+    lines = [
+        table(["", model_label(reference), model_label(default), "default / reference"], rows),
+        "",
+        f"Trained on {settings['train_images']:,} images, scored on {settings['test_images']:,} test images after every "
+        f"epoch (scoring time excluded); each model in its own process. {machine_line(record['machine'])}.",
+    ]
+    serve = record.get("serve")
+    if serve and "skipped" not in serve:
+        lines += ["", f"Served champion (`{serve['model_uri']}`, version {serve['version']}), one image per request: "
+                      f"median {serve['median_ms']:.1f} ms, p95 {serve['p95_ms']:.1f} ms over {serve['requests']} requests."]
+    elif serve:
+        lines += ["", f"Serving latency not measured: {serve['skipped']}."]
+    return "\n".join(lines)
+
+
+def pruning_markdown(record: dict) -> str:
+    pruned, unpruned, saved = record["arms"]["pruned"], record["arms"]["unpruned"], record["saving"]
+    settings = record["settings"]
+    difference = saved["best_val_accuracy_difference"]
+    rows = [
+        ["Trials (complete / pruned)", f"{pruned['complete']} / {pruned['pruned']}",
+         f"{unpruned['complete']} / {unpruned['pruned']}", ""],
+        ["Trial-epochs trained", str(pruned["trial_epochs"]), str(unpruned["trial_epochs"]), times(saved["trial_epochs_ratio"])],
+        ["Wall time (s)", number(pruned["wall_seconds"]), number(unpruned["wall_seconds"]), times(saved["wall_seconds_ratio"])],
+        ["Best val accuracy", percent(pruned["best_val_accuracy"]), percent(unpruned["best_val_accuracy"]),
+         MISSING if difference is None else f"{100 * difference:+.2f} pp"],
+    ]
+    return "\n".join([
+        table(["", f"pruner `{pruned['pruner']}`", "no pruner", "pruned / unpruned"], rows),
+        "",
+        f"The same study twice: {settings['n_trials']} trials of up to {settings['epochs']} epochs on "
+        f"{settings['train_images']:,} training and {settings['val_images']:,} validation images, TPE seeded with "
+        f"{settings['seed']}. Pruning saved {percent(saved['trial_epochs_saved_fraction'])} of trial-epochs. "
+        f"{machine_line(record['machine'])}.",
+    ])

@@ -1,0 +1,277 @@
+"""Training and inference benchmark: the reference preset against the project's default recipe.
+
+Each model trains in its own freshly spawned process (see `run_in_fresh_process`), so its
+peak-memory figure is its own, neither run inherits the other's warm TensorFlow state, and a
+mixed-precision policy cannot leak from one to the other. The parent process never imports
+TensorFlow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from pipeline.config import Params, Recipe, RuntimeParams
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("bench.train")
+
+REFERENCE = "reference"
+THRESHOLDS = (0.990, 0.995)
+BATCH_SIZES = (1, 32, 1000)
+EVAL_BATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one training process needs; crosses the process boundary by pickling."""
+
+    role: str  # "reference" or "default"
+    preset: str
+    tuned: bool
+    recipe: Recipe
+    epochs: int
+    dtype_policy: str  # "float32" or "mixed_bfloat16"
+    runtime: RuntimeParams
+    seed: int
+    data_dir: str
+    train_limit: int
+    test_limit: int
+    batch_sizes: tuple[int, ...] = BATCH_SIZES
+    inference_seconds: float = 2.0
+
+
+# ---- pure pieces ------------------------------------------------------------------------------
+
+def threshold_key(threshold: float) -> str:
+    """0.99 -> '99.0', 0.995 -> '99.5'."""
+    return f"{threshold * 100:.1f}"
+
+
+def first_reaching(accuracies: list[float], seconds: list[float], threshold: float) -> dict:
+    """Epochs and cumulative training seconds when test accuracy first reached `threshold`."""
+    for epoch, (accuracy, elapsed) in enumerate(zip(accuracies, seconds), start=1):
+        if accuracy >= threshold - 1e-12:
+            return {"epochs": epoch, "seconds": round(elapsed, 3)}
+    return {"epochs": None, "seconds": None}
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+def inference_throughput(predict: Callable[[np.ndarray], object], images: np.ndarray, batch_sizes: tuple[int, ...],
+                         min_seconds: float, warmup_calls: int = 3, min_calls: int = 5) -> dict[str, dict]:
+    """Images per second of `predict` on fixed batches: warm up, then call it until `min_seconds`
+    and `min_calls` are both reached. Batches larger than `images` repeat images."""
+    results = {}
+    for size in batch_sizes:
+        batch = np.ascontiguousarray(np.resize(images, (size, *images.shape[1:])))
+        for _ in range(warmup_calls):  # traces the function for this shape
+            predict(batch)
+        calls, started = 0, time.perf_counter()
+        while True:
+            predict(batch)
+            calls += 1
+            elapsed = time.perf_counter() - started
+            if calls >= min_calls and elapsed >= min_seconds:
+                break
+        results[str(size)] = {"images_per_s": round(calls * size / elapsed, 1),
+                              "ms_per_batch": round(1000 * elapsed / calls, 3), "calls": calls}
+    return results
+
+
+# ---- the training process ------------------------------------------------------------------------
+
+def make_test_clock(x_test: np.ndarray, y_test: np.ndarray):
+    """A Keras callback that, at every epoch end, notes the cumulative training time *before*
+    scoring the test split (model.predict), then keeps the scoring time out of later readings."""
+    import keras
+
+    class TestClock(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.started = 0.0  # set right before model.fit
+            self.evaluation_seconds = 0.0
+            self.train_seconds: list[float] = []
+            self.test_accuracy: list[float] = []
+
+        def on_epoch_end(self, epoch, logs=None):
+            now = time.perf_counter()
+            self.train_seconds.append(now - self.started - self.evaluation_seconds)
+            probabilities = self.model.predict(x_test, batch_size=EVAL_BATCH_SIZE, verbose=0)
+            accuracy = float((np.argmax(probabilities, axis=1) == y_test).mean())
+            self.test_accuracy.append(accuracy)
+            self.evaluation_seconds += time.perf_counter() - now
+            log.info("epoch %d: %.1f s of training, test accuracy %.4f", epoch + 1, self.train_seconds[-1], accuracy)
+
+    return TestClock()
+
+
+def run_job(job: TrainJob) -> dict:
+    """Train one model for `job.epochs`, scoring the test split after each epoch; then time inference.
+
+    Runs in a fresh process and sets up logging, threads and seeds exactly as the pipeline does.
+    """
+    from pipeline.preprocess import load_splits, stratified_take
+    from pipeline.runtime import setup_logging, setup_tensorflow
+    from pipeline.train import as_model_input
+
+    from bench.machine import framework_versions, peak_rss_mib
+
+    setup_logging()
+    setup_tensorflow(job.runtime, job.seed)
+    import keras
+    import tensorflow as tf
+
+    from pipeline.model import build_model, compile_model
+
+    splits = load_splits(job.data_dir, ("train", "test"))
+    train = stratified_take(splits["train"], job.train_limit, job.seed)
+    test = stratified_take(splits["test"], job.test_limit, job.seed)
+    x_train, x_test = as_model_input(train.x), as_model_input(test.x)
+    rss_after_setup = peak_rss_mib()  # TensorFlow loaded, data in memory, no model yet
+
+    keras.mixed_precision.set_global_policy(job.dtype_policy)  # overrides the one setup_tensorflow chose
+    try:
+        model = build_model(job.recipe, seed=job.seed)
+        compile_model(model, job.recipe, math.ceil(len(train) / job.recipe.batch_size) * job.epochs)
+        clock = make_test_clock(x_test, test.y)
+        log.info("%s: preset %s%s, %d epochs on %d images, %s", job.role, job.preset, " (tuned)" if job.tuned else "",
+                 job.epochs, len(train), job.dtype_policy)
+        clock.started = time.perf_counter()
+        model.fit(x_train, train.y, epochs=job.epochs, batch_size=job.recipe.batch_size, shuffle=True,
+                  callbacks=[clock], verbose=0)
+        train_seconds = clock.train_seconds[-1]  # at the last epoch's end, like every per-epoch reading
+        peak_rss_train = peak_rss_mib()
+        inference = inference_throughput(model.predict_on_batch, x_test, job.batch_sizes, job.inference_seconds)
+        parameters = model.count_params()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    per_epoch = [b - a for a, b in zip([0.0, *clock.train_seconds], clock.train_seconds)]
+    return {
+        "role": job.role,
+        "preset": job.preset,
+        "tuned": job.tuned,
+        "recipe": job.recipe.model_dump(),
+        "dtype_policy": job.dtype_policy,
+        "parameters": parameters,
+        "train_images": len(train),
+        "test_images": len(test),
+        "epochs": job.epochs,
+        "train_seconds": round(train_seconds, 3),
+        "seconds_per_epoch": round(train_seconds / job.epochs, 3),
+        "seconds_per_epoch_after_first": round(sum(per_epoch[1:]) / (job.epochs - 1), 3) if job.epochs > 1 else None,
+        "test_evaluation_seconds_excluded": round(clock.evaluation_seconds, 3),
+        "train_seconds_by_epoch": [round(s, 3) for s in clock.train_seconds],
+        "test_accuracy_by_epoch": [round(a, 5) for a in clock.test_accuracy],
+        "final_test_accuracy": clock.test_accuracy[-1],
+        "best_test_accuracy": max(clock.test_accuracy),
+        "to_accuracy": {threshold_key(t): first_reaching(clock.test_accuracy, clock.train_seconds, t) for t in THRESHOLDS},
+        "memory": {
+            "method": "resource.getrusage(RUSAGE_SELF).ru_maxrss of this model's own process",
+            "rss_after_setup_mib": rss_after_setup,
+            "peak_rss_training_mib": peak_rss_train,
+            "peak_rss_growth_training_mib": round(peak_rss_train - rss_after_setup, 1),
+        },
+        "inference": inference,
+        "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                    "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
+        "versions": framework_versions(),
+    }
+
+
+def run_in_fresh_process(function: Callable, *args):
+    """Call `function(*args)` in a newly spawned Python process and return its result."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+# ---- the benchmark -------------------------------------------------------------------------------
+
+def default_recipe(params: Params, tuned_file: Path) -> tuple[Recipe, bool]:
+    """The recipe `dvc repro train` would use: the preset, with the tuned params when enabled and present."""
+    from pipeline.train import read_best_params, resolve_recipe
+
+    best = read_best_params(tuned_file) if params.train.use_tuned and tuned_file.is_file() else None
+    return resolve_recipe(params, best), best is not None
+
+
+def default_dtype_policy(params: Params) -> str:
+    """The dtype policy `dvc repro train` trains with: `runtime.precision` ("auto" picks bf16 on CPUs
+    with native bf16), or `train.mixed_bfloat16` in params files from before that key existed."""
+    legacy = getattr(params.train, "mixed_bfloat16", None)
+    if legacy is not None:
+        return "mixed_bfloat16" if legacy else "float32"
+    from pipeline.runtime import dtype_policy
+
+    return dtype_policy(params.runtime)
+
+
+def make_jobs(params: Params, epochs_reference: int, epochs_default: int | None, train_limit: int,
+              test_limit: int, inference_seconds: float) -> list[TrainJob]:
+    if REFERENCE not in params.presets:
+        raise PipelineError(f"params.yaml has no `presets.{REFERENCE}`; the benchmark compares against it")
+    recipe, tuned = default_recipe(params, Path(params.tune.output))
+    common = dict(runtime=params.runtime, seed=params.seed, data_dir=params.preprocess.output_dir,
+                  train_limit=train_limit, test_limit=test_limit, inference_seconds=inference_seconds)
+    return [
+        TrainJob(role="reference", preset=REFERENCE, tuned=False, recipe=params.presets[REFERENCE],
+                 epochs=epochs_reference, dtype_policy="float32", **common),  # as the seeds measured it
+        TrainJob(role="default", preset=params.train.preset, tuned=tuned, recipe=recipe,
+                 epochs=epochs_default or params.train.epochs, dtype_policy=default_dtype_policy(params), **common),
+    ]
+
+
+def compare(reference: dict, default: dict) -> dict:
+    """default / reference for every time, memory and throughput figure."""
+    ratios = {f"time_to_{key.replace('.', '_')}": ratio(default["to_accuracy"][key]["seconds"],
+                                                       reference["to_accuracy"][key]["seconds"])
+              for key in reference["to_accuracy"]}
+    ratios.update(
+        train_seconds=ratio(default["train_seconds"], reference["train_seconds"]),
+        seconds_per_epoch=ratio(default["seconds_per_epoch"], reference["seconds_per_epoch"]),
+        peak_rss_growth_training=ratio(default["memory"]["peak_rss_growth_training_mib"],
+                                       reference["memory"]["peak_rss_growth_training_mib"]),
+        inference_images_per_s={size: ratio(default["inference"][size]["images_per_s"], row["images_per_s"])
+                                for size, row in reference["inference"].items()},
+    )
+    return ratios
+
+
+def run_train_benchmark(params: Params, jobs: list[TrainJob]) -> dict:
+    """Train every job in its own process, one after the other; returns the results record."""
+    from bench.machine import load_average_1m, machine_info
+
+    machine = machine_info()
+    models = {}
+    for job in jobs:
+        log.info("training %s (preset %s) in a fresh process", job.role, job.preset)
+        models[job.role] = run_in_fresh_process(run_job, job)
+    first = next(iter(models.values()))
+    return {
+        "benchmark": "train",
+        "machine": {**machine, **first["versions"], "load_average_1m_at_end": load_average_1m()},
+        "settings": {
+            "seed": params.seed,
+            "runtime": params.runtime.model_dump(),
+            "train_images": first["train_images"],
+            "test_images": first["test_images"],
+            "inference_batch_sizes": list(jobs[0].batch_sizes),
+            "inference_seconds_per_batch_size": jobs[0].inference_seconds,
+        },
+        "models": models,
+        "ratios_default_over_reference": compare(models["reference"], models["default"]),
+    }
