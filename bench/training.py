@@ -210,11 +210,8 @@ def default_recipe(params: Params, tuned_file: Path) -> tuple[Recipe, bool]:
 
 
 def default_dtype_policy(params: Params) -> str:
-    """The dtype policy `dvc repro train` trains with: `runtime.precision` ("auto" picks bf16 on CPUs
-    with native bf16), or `train.mixed_bfloat16` in params files from before that key existed."""
-    legacy = getattr(params.train, "mixed_bfloat16", None)
-    if legacy is not None:
-        return "mixed_bfloat16" if legacy else "float32"
+    """The dtype policy `dvc repro train` trains with (`runtime.precision`; "auto" picks bf16 on CPUs
+    with native bf16)."""
     from pipeline.runtime import dtype_policy
 
     return dtype_policy(params.runtime)
