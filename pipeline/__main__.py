@@ -22,7 +22,7 @@ def info_lines(params_path: str = "params.yaml") -> list[str]:
     """Where everything lives, one `key: value` per line."""
     from pipeline import tracking
     from pipeline.paths import project_root
-    from pipeline.tune import resolve_storage_url
+    from pipeline.tune import resolve_storage_url, study_name
 
     params = load_params(params_path)
     root = project_root()
@@ -39,7 +39,7 @@ def info_lines(params_path: str = "params.yaml") -> list[str]:
         f"metrics: {root / params.evaluate.output_dir / 'evaluate.json'}",
         f"figures: {root / params.evaluate.figures_dir}",
         f"study_storage: {resolve_storage_url(params.tune.storage)}",
-        f"study_name: {params.tune.study_name}",
+        f"study_name: {study_name(params)}",
         f"best_params: {root / params.tune.output}",
     ]
 

@@ -99,6 +99,22 @@ def resolve_storage_url(url: str) -> str:
     return url
 
 
+def study_name(params: Params) -> str:
+    """`tune.study_name` plus a digest of everything that makes trial values comparable (search
+    space, base preset, tuning data and epochs, seed, precision). Re-running with the same settings
+    continues the same study; changing the space or the objective starts a new one."""
+    import hashlib
+
+    tune = params.tune
+    identity = {
+        "seed": params.seed, "precision": params.runtime.precision, "preprocess": params.preprocess.model_dump(),
+        "base": params.presets[tune.base_preset].model_dump(), "space": {k: v.model_dump() for k, v in tune.space.items()},
+        "train_images": tune.train_images, "val_images": tune.val_images, "epochs": tune.epochs,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{tune.study_name}-{digest}"
+
+
 def make_storage(tune: TuneParams):
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -146,14 +162,15 @@ def open_study(params: Params, storage=None, create: bool = True):
 
     storage = storage or make_storage(params.tune)
     try:
-        existing = optuna.load_study(study_name=params.tune.study_name, storage=storage)
+        existing = optuna.load_study(study_name=study_name(params), storage=storage)
         trials_so_far = len(existing.trials)
     except KeyError:
         if not create:
-            raise PipelineError(f"no study {params.tune.study_name!r} in {params.tune.storage}; run `dvc repro tune` first") from None
+            raise PipelineError(f"no study {study_name(params)!r} in {params.tune.storage}; create it with "
+                                "`dvc repro tune` (or `python -m pipeline tune`) using the same params.yaml") from None
         trials_so_far = 0
     study = optuna.create_study(
-        study_name=params.tune.study_name, storage=storage, direction="maximize", load_if_exists=True,
+        study_name=study_name(params), storage=storage, direction="maximize", load_if_exists=True,
         sampler=make_sampler(params.seed, trials_so_far), pruner=make_pruner(params.tune.pruner, params.tune.epochs),
     )
     optuna.storages.fail_stale_trials(study)
@@ -232,7 +249,7 @@ class Objective:
         keras.backend.clear_session()
         gc.collect()
         keras.utils.set_random_seed(self.params.seed + trial.number)
-        tags = {**tracking.run_tags("tune-trial", params_hash(self.params)), "optuna.study": tune.study_name,
+        tags = {**tracking.run_tags("tune-trial", params_hash(self.params)), "optuna.study": trial.study.study_name,
                 "optuna.trial": str(trial.number)}
         nested = mlflow.active_run() is not None
         if self.parent_run_id and not nested:  # a worker process outside the parent run
@@ -396,14 +413,14 @@ def run_session(params: Params, n_trials: int, timeout_s: int | None = None, stu
     if closed := close_failed_trial_runs(study):
         log.info("marked %d MLflow trial run(s) of dead workers as FAILED", closed)
     budget = finished_trials(study) + n_trials
-    with mlflow.start_run(run_name=f"study {tune.study_name}",
+    with mlflow.start_run(run_name=f"study {study.study_name}",
                           tags={**tracking.run_tags("tune-study", params_hash(params)),
-                                "optuna.study": tune.study_name, "optuna.storage": tune.storage}) as parent:
+                                "optuna.study": study.study_name, "optuna.storage": tune.storage}) as parent:
         mlflow.log_params({"n_trials": n_trials, "pruner": tune.pruner, "tune_epochs": tune.epochs,
                            "train_images": tune.train_images, "val_images": tune.val_images, "workers": workers,
                            "base_preset": tune.base_preset, "space": json.dumps(
                                {k: v.model_dump() for k, v in tune.space.items()})})
-        log.info("study %s: %d finished trials, running up to %d more", tune.study_name, finished_trials(study), n_trials)
+        log.info("study %s: %d finished trials, running up to %d more", study.study_name, finished_trials(study), n_trials)
         if workers > 1:
             codes = launch_workers(params_path, workers, budget, parent.info.run_id)
             if finished_trials(study) < budget and any(codes):
@@ -438,7 +455,7 @@ def run_worker(params: Params, budget: int | None, parent_run_id: str | None) ->
     study = open_study(params, create=False)
     tracking.ensure_experiment(params.tracking.experiment)
     budget = budget or params.tune.n_trials
-    log.info("worker %d joins study %s (%d/%d finished)", os.getpid(), params.tune.study_name,
+    log.info("worker %d joins study %s (%d/%d finished)", os.getpid(), study.study_name,
              finished_trials(study), budget)
     optimize(study, params, budget, parent_run_id, timeout_s=params.tune.timeout_s)
 
@@ -487,7 +504,7 @@ def main(argv: list[str] | None = None) -> None:
                     workers=args.workers or params.tune.workers, params_path=args.params)
     else:
         log.info("study %s already has %d finished trials (tune.n_trials=%d); nothing to run",
-                 params.tune.study_name, finished_trials(study), params.tune.n_trials)
+                 study.study_name, finished_trials(study), params.tune.n_trials)
     content = write_best_params(study, params, Path(params.tune.output))
     log.info("%s; wrote %s", describe(content), params.tune.output)
 

@@ -20,12 +20,19 @@ from tests.e2e.conftest import project_env, run, tiny_params
 pytestmark = pytest.mark.slow
 
 
-def study_states(project, name="mnist-cnn") -> list[str]:
+def current_study_name(project) -> str:
+    from pipeline.config import load_params
+    from pipeline.tune import study_name
+
+    return study_name(load_params(project / "params.yaml"))
+
+
+def study_states(project) -> list[str]:
     database = project / "studies" / "optuna.db"
     if not database.exists():
         return []
     try:
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{database}")
+        study = optuna.load_study(study_name=current_study_name(project), storage=f"sqlite:///{database}")
     except (KeyError, optuna.exceptions.StorageInternalError):
         return []  # not created yet
     return [trial.state.name for trial in study.get_trials(deepcopy=False)]
@@ -71,7 +78,7 @@ def test_resume_fails_the_killed_trial_and_reaches_the_budget(resumed_project):
     assert states[0] == "COMPLETE"  # kept, not re-run
     assert states[1] == "FAIL"  # the killed trial, failed by its stale heartbeat
     assert states.count("COMPLETE") + states.count("PRUNED") == 3
-    study = optuna.load_study(study_name="mnist-cnn", storage=f"sqlite:///{project / 'studies' / 'optuna.db'}")
+    study = optuna.load_study(study_name=current_study_name(project), storage=f"sqlite:///{project / 'studies' / 'optuna.db'}")
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retried) == 1 and retried[0].params == study.trials[1].params  # the killed trial retried
     best = json.loads((project / "models" / "best_params.json").read_text())
@@ -83,7 +90,7 @@ def test_killed_trial_run_is_closed_in_mlflow(resumed_project):
 
     project, _, _ = resumed_project
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
-    study = optuna.load_study(study_name="mnist-cnn", storage=f"sqlite:///{project / 'studies' / 'optuna.db'}")
+    study = optuna.load_study(study_name=current_study_name(project), storage=f"sqlite:///{project / 'studies' / 'optuna.db'}")
     run_id = study.trials[1].user_attrs["mlflow_run_id"]
     killed_run = mlflow.MlflowClient().get_run(run_id)
     assert killed_run.info.status == "FAILED" and killed_run.data.tags["optuna.state"] == "FAIL"
@@ -123,7 +130,7 @@ def test_optuna_dashboard_reads_the_study(resumed_project):
             except OSError:
                 time.sleep(0.5)
         assert studies is not None, "optuna-dashboard did not answer"
-        (summary,) = [s for s in studies if s["study_name"] == "mnist-cnn"]
+        (summary,) = [s for s in studies if s["study_name"] == current_study_name(project)]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10) as response:
             detail = json.loads(response.read())
         assert len(detail["trials"]) == len(study_states(project))
@@ -141,7 +148,7 @@ def test_a_bad_trial_is_pruned(tmp_path_factory):
                        "optimizer": {"choices": ["adam", "sgd"]}}})
     (project / "studies").mkdir()
     storage = f"sqlite:///{project / 'studies' / 'optuna.db'}"
-    study = optuna.create_study(study_name="mnist-cnn", storage=storage, direction="maximize")
+    study = optuna.create_study(study_name=current_study_name(project), storage=storage, direction="maximize")
     study.enqueue_trial({"learning_rate": 0.001, "optimizer": "adam"})
     study.enqueue_trial({"learning_rate": 1.0, "optimizer": "sgd"})
     run([sys.executable, "-m", "pipeline.tune"], project)
@@ -152,6 +159,23 @@ def test_a_bad_trial_is_pruned(tmp_path_factory):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     pruned = mlflow.search_runs(experiment_names=["mnist"], filter_string="tags.`optuna.state` = 'PRUNED'")
     assert len(pruned) == 1 and int(pruned.iloc[0]["tags.epochs_run"]) < 3  # cut before its last epoch
+
+
+def test_changing_the_search_space_starts_a_new_study(resumed_project):
+    import yaml
+
+    project, _, _ = resumed_project
+    before = current_study_name(project)
+    original = (project / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["tune"]["space"]["dropout"] = {"low": 0.25, "high": 0.45}
+    try:
+        (project / "params.yaml").write_text(yaml.safe_dump(params))
+        after = current_study_name(project)
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert before.startswith("mnist-cnn-") and after.startswith("mnist-cnn-") and before != after
+    assert current_study_name(project) == before
 
 
 def test_unreachable_storage_is_one_clear_line(tmp_path_factory):

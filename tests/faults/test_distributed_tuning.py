@@ -34,6 +34,10 @@ def test_two_workers_share_a_study_and_survive_a_killed_worker(project, postgres
     for stage in ("pipeline.fetch", "pipeline.preprocess"):
         run([sys.executable, "-m", stage], project)
 
+    from pipeline.config import load_params
+    from pipeline.tune import study_name
+
+    name = study_name(load_params(project / "params.yaml"))
     env = project_env(project) | {"MLFLOW_TRACKING_URI": tracking_uri}
     launcher = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--workers", "2"], cwd=project, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -43,7 +47,7 @@ def test_two_workers_share_a_study_and_survive_a_killed_worker(project, postgres
     while victim is None and time.monotonic() < deadline:
         assert launcher.poll() is None, launcher.stdout.read()[-3000:]
         try:
-            study = optuna.load_study(study_name="mnist-cnn", storage=storage)
+            study = optuna.load_study(study_name=name, storage=storage)
             running = [t for t in study.get_trials(deepcopy=False)
                        if t.state.name == "RUNNING" and t.number >= 1 and "worker" in t.user_attrs]
         except KeyError:
@@ -58,7 +62,7 @@ def test_two_workers_share_a_study_and_survive_a_killed_worker(project, postgres
     output, _ = launcher.communicate(timeout=600)
     assert launcher.returncode == 0, output[-3000:]
 
-    study = optuna.load_study(study_name="mnist-cnn", storage=storage)
+    study = optuna.load_study(study_name=name, storage=storage)
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
