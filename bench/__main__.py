@@ -1,4 +1,4 @@
-"""`python -m bench train|pruning`: run one benchmark, write <out>/<name>.json and <name>.md."""
+"""`python -m bench train|pruning|workers`: run one benchmark, write <out>/<name>.json and <name>.md."""
 
 from __future__ import annotations
 
@@ -66,7 +66,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     pruning.add_argument("--pruner", choices=["hyperband", "successive_halving", "median"], default=None,
                          help="the pruner to measure (default: tune.pruner)")
 
-    for command in (train, pruning):
+    workers = commands.add_parser("workers", help="tuning throughput with 1 and 2 workers on one shared study")
+    workers.add_argument("--storage", required=True,
+                         help="an RDB URL both arms use, e.g. postgresql+psycopg://postgres@127.0.0.1/bench")
+    workers.add_argument("--trials", type=positive_int, default=8, help="trials per arm (default 8)")
+
+    for command in (train, pruning, workers):
         command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         command.add_argument("--out", type=Path, default=BENCH_DIR, help=f"output folder (default: {BENCH_DIR})")
     return parser.parse_args(argv)
@@ -99,7 +104,15 @@ def bench_pruning(args: argparse.Namespace, params) -> tuple[dict, str]:
     return record, pruning_markdown(record)
 
 
-OUTPUT_STEMS = {"train": "results", "pruning": "pruning"}
+def bench_workers(args: argparse.Namespace, params) -> tuple[dict, str]:
+    from bench.workers import run_workers_benchmark, workers_markdown
+
+    record = run_workers_benchmark(Path(args.params), args.storage, args.trials)
+    return record, workers_markdown(record)
+
+
+BENCHMARKS = {"train": bench_train, "pruning": bench_pruning, "workers": bench_workers}
+OUTPUT_STEMS = {"train": "results", "pruning": "pruning", "workers": "workers"}
 
 
 @exit_on_user_error
@@ -111,13 +124,11 @@ def main(argv: list[str] | None = None) -> None:
     if not Path(params.preprocess.output_dir).is_dir():
         raise PipelineError(f"{params.preprocess.output_dir} is missing; run `dvc repro preprocess` first "
                             "(from the repository root)")
-    record, markdown = (bench_train if args.command == "train" else bench_pruning)(args, params)
+    record, markdown = BENCHMARKS[args.command](args, params)
     record = {"command": shlex.join(["python", "-m", "bench", *argv]), **record}
     json_path, md_path = write_results(args.out, OUTPUT_STEMS[args.command], record, markdown)
     print(markdown)
     log.info("wrote %s and %s", json_path, md_path)
-
-from bench.report import write_results  # noqa: E402  (kept below main for reading order)
 
 
 if __name__ == "__main__":

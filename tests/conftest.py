@@ -52,3 +52,17 @@ def copy_project(destination: Path) -> Path:
                     ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=destination, check=True, capture_output=True)
     return destination
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory) -> Path:
+    """The repo copied and shrunk (tests/e2e/conftest.py), with one full `dvc repro` done.
+
+    Shared by the end-to-end tests and, after them, the fault suite's training faults.
+    """
+    from tests.e2e.conftest import dvc, tiny_params
+
+    project = copy_project(tmp_path_factory.mktemp("project"))
+    tiny_params(project / "params.yaml")
+    dvc("repro", project=project)
+    return project

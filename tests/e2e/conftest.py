@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT, copy_project
@@ -47,12 +46,3 @@ def run(command: list[str], project: Path, timeout: int = 900, check: bool = Tru
 
 def dvc(*args: str, project: Path, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, "-m", "dvc", *args], project, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def tiny_project(tmp_path_factory) -> Path:
-    """The repo copied and shrunk, with one full `dvc repro` done."""
-    project = copy_project(tmp_path_factory.mktemp("project"))
-    tiny_params(project / "params.yaml")
-    dvc("repro", project=project)
-    return project
