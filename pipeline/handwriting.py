@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -428,6 +429,37 @@ def score_folder(model: Any, folder: str | Path = DEFAULT_FOLDER) -> dict[str, A
     }
 
 
+def prediction_sheet(model: Any, folder: str | Path = DEFAULT_FOLDER, count: int = 24, columns: int = 8):
+    """A figure of sample pictures (every len/count-th file) with the label each was predicted as."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.predict import predict_files
+
+    folder = Path(folder)
+    labels = read_labels(folder)
+    step = max(1, len(labels) // count)
+    while math.gcd(step, 10) != 1:  # the files cycle through the digits: a step sharing a factor skips some
+        step += 1
+    picked = labels[::step][:count]
+    results = predict_files(model, [folder / row["file"] for row in picked])
+    rows = -(-len(picked) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.75), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, row, result in zip(axes.flat, picked, results):
+        with Image.open(folder / row["file"]) as image:
+            axis.imshow(image.convert("RGB"))
+        right = result.get("label") == int(row["label"])
+        caption = f"→ {result['label']} ({result['confidence']:.2f})" if "label" in result else "unreadable"
+        axis.set_title(caption, fontsize=9, color="black" if right else "red")
+    figure.suptitle("Predictions on pictures the model never trained on (red: wrong)")
+    figure.tight_layout()
+    return figure
+
+
 # --- command line --------------------------------------------------------------------------
 
 
@@ -442,6 +474,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     score.add_argument("--model", default=None, help="models:/ or runs:/ URI or .keras file (default: the champion)")
     score.add_argument("--folder", default=DEFAULT_FOLDER, help=f"folder (default: {DEFAULT_FOLDER})")
     score.add_argument("--json", action="store_true", help="print the full score as JSON")
+    sheet = commands.add_parser("sheet", help="a PNG of sample pictures and their predictions")
+    sheet.add_argument("--model", default=None, help="models:/ or runs:/ URI or .keras file (default: the champion)")
+    sheet.add_argument("--folder", default=DEFAULT_FOLDER, help=f"folder (default: {DEFAULT_FOLDER})")
+    sheet.add_argument("--out", default="docs/handwriting_predictions.png", help="PNG to write")
     return parser.parse_args(argv)
 
 
@@ -455,7 +491,14 @@ def cli(argv: list[str] | None = None) -> int:
         return 0
     from pipeline.predict import DEFAULT_MODEL_URI, load_model
 
-    score = score_folder(load_model(args.model or DEFAULT_MODEL_URI), args.folder)
+    model = load_model(args.model or DEFAULT_MODEL_URI)
+    if args.command == "sheet":
+        figure = prediction_sheet(model, args.folder)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(args.out, dpi=100)
+        print(f"wrote {args.out}")
+        return 0
+    score = score_folder(model, args.folder)
     if args.json:
         print(json.dumps(score, indent=2))
     else:
