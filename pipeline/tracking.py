@@ -19,6 +19,7 @@ log = logging.getLogger("pipeline.tracking")
 
 STORE_DIR = "mlruns"
 RUN_KIND_TAG = "mnist.run_kind"  # train | tune-study | tune-trial: filter in the MLflow UI
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on training runs
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
@@ -64,7 +65,7 @@ def ensure_experiment(name: str) -> str:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
             location = None if _is_remote(uri) else default_artifact_root()
-            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+            experiment_id = mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         else:
             experiment_id = experiment.experiment_id
     except MlflowException as error:

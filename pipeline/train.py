@@ -151,7 +151,8 @@ def main() -> None:
     history_path = Path(params.evaluate.output_dir) / HISTORY_FILE
     with tempfile.TemporaryDirectory(prefix=".train.", dir=output_dir.parent if output_dir.parent.exists() else None) as tmp:
         staging = Path(tmp)
-        with mlflow.start_run(tags=tracking.run_tags("train", params_hash(params))) as run:
+        run_name = f"train {params.train.preset} {time.strftime('%Y-%m-%d %H:%M:%S')}"  # seeded RNG would repeat MLflow's random names
+        with mlflow.start_run(run_name=run_name, tags=tracking.run_tags("train", params_hash(params))) as run:
             mlflow.log_params({"seed": params.seed, "preset": params.train.preset, "tuned": best is not None,
                                **tracking.flatten("recipe", recipe.model_dump()),
                                **tracking.flatten("train", params.train.model_dump()),
