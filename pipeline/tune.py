@@ -156,8 +156,11 @@ def make_sampler(seed: int, trials_so_far: int):
     return optuna.samplers.TPESampler(seed=seed + trials_so_far, n_startup_trials=5, multivariate=True)
 
 
-def open_study(params: Params, storage=None, create: bool = True):
-    """Load (or create) the persistent study; fails stale trials of dead workers first."""
+def open_study(params: Params, storage=None, create: bool = True, sampler_offset: int = 0):
+    """Load (or create) the persistent study; fails stale trials of dead workers first.
+
+    Workers pass a `sampler_offset` of their own so that workers starting together do not
+    sample the same start-up trials."""
     import optuna
 
     storage = storage or make_storage(params.tune)
@@ -171,7 +174,7 @@ def open_study(params: Params, storage=None, create: bool = True):
         trials_so_far = 0
     study = optuna.create_study(
         study_name=study_name(params), storage=storage, direction="maximize", load_if_exists=True,
-        sampler=make_sampler(params.seed, trials_so_far), pruner=make_pruner(params.tune.pruner, params.tune.epochs),
+        sampler=make_sampler(params.seed + sampler_offset, trials_so_far), pruner=make_pruner(params.tune.pruner, params.tune.epochs),
     )
     optuna.storages.fail_stale_trials(study)
     study.set_user_attr("base_preset", params.tune.base_preset)
@@ -452,7 +455,7 @@ def run_worker(params: Params, budget: int | None, parent_run_id: str | None) ->
     """One worker of a shared study (any machine): trials until the study-wide budget is reached."""
     from pipeline import tracking
 
-    study = open_study(params, create=False)
+    study = open_study(params, create=False, sampler_offset=os.getpid())
     tracking.ensure_experiment(params.tracking.experiment)
     budget = budget or params.tune.n_trials
     log.info("worker %d joins study %s (%d/%d finished)", os.getpid(), study.study_name,
