@@ -77,7 +77,7 @@ class Recipe(_Strict):
 
 
 class TrainParams(_Strict):
-    preset: str = "fast"
+    preset: str = "reference"  # params.yaml sets the project default (fast)
     use_tuned: bool = True  # overlay the tune stage's best params on the preset
     epochs: PositiveInt = 12
     patience: PositiveInt = 4  # early stopping on val_accuracy
@@ -135,7 +135,7 @@ SearchDimension = FloatRange | IntRange | Choice
 
 
 class TuneParams(_Strict):
-    base_preset: str = "fast"
+    base_preset: str = "reference"
     storage: str = "sqlite:///studies/optuna.db"
     study_name: str = "mnist-cnn"
     n_trials: PositiveInt = 20

@@ -69,3 +69,11 @@ def test_params_hash_is_stable_and_sensitive(repo_root):
     assert params_hash(first) == params_hash(again)
     raw["seed"] += 1
     assert params_hash(parse_params(raw)) != params_hash(first)
+
+
+def test_a_partial_params_file_is_valid_on_its_own(tmp_path):
+    """Stage commands load the whole file: defaults alone must form a consistent configuration."""
+    path = tmp_path / "params.yaml"
+    path.write_text("fetch:\n  sources: [pypi]\n")
+    params = load_params(path)
+    assert params.train.preset in params.presets and params.tune.base_preset in params.presets
