@@ -412,6 +412,8 @@ def run_session(params: Params, n_trials: int, timeout_s: int | None = None, stu
         baseline = baseline_params(params.presets[tune.base_preset], tune.space)
         if baseline:
             study.enqueue_trial(baseline, user_attrs={"baseline": True})
+        else:
+            log.warning("preset %s lies outside tune.space: no baseline trial to compare with", tune.base_preset)
     tracking.ensure_experiment(params.tracking.experiment)
     if closed := close_failed_trial_runs(study):
         log.info("marked %d MLflow trial run(s) of dead workers as FAILED", closed)

