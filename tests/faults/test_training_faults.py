@@ -45,7 +45,9 @@ def test_sigkill_during_training_registers_nothing_and_next_repro_completes(tiny
     os.killpg(repro.pid, signal.SIGKILL)
     repro.wait()
     assert versions_and_champion(tiny_project) == before  # nothing registered, champion untouched
-    dvc("repro", project=tiny_project)
+    result = dvc("repro", project=tiny_project)
+    assert "Running stage 'train'" in result.stdout
+    assert "Running stage 'tune'" not in result.stdout  # a final-training knob never re-runs the study
     count, _ = versions_and_champion(tiny_project)
     assert count == before[0] + 1
 
