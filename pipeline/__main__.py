@@ -58,18 +58,11 @@ def rescore_on_test(params):
     """A score(model_uri) -> accuracy function over the current test split, and its digest."""
     from pathlib import Path
 
-    from pipeline.evaluate import classification_metrics, predict_probabilities, test_data_digest
+    from pipeline.evaluate import make_scorer, test_data_digest
     from pipeline.preprocess import load_split
 
     test = load_split(Path(params.preprocess.output_dir) / "test.npz")
-
-    def score(uri: str) -> float:
-        import mlflow.keras
-
-        model = mlflow.keras.load_model(uri)
-        return classification_metrics(test.y, predict_probabilities(model, test.x, params.evaluate.batch_size))["accuracy"]
-
-    return score, test_data_digest(test.x, test.y)
+    return make_scorer(test, params.evaluate.batch_size), test_data_digest(test.x, test.y)
 
 
 def build_parser() -> argparse.ArgumentParser:

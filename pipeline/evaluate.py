@@ -125,6 +125,18 @@ def predict_probabilities(model, x: np.ndarray, batch_size: int) -> np.ndarray:
     return np.asarray(model.predict(as_model_input(x), batch_size=batch_size, verbose=0), dtype=np.float64)
 
 
+def make_scorer(test, batch_size: int):
+    """score(model_uri) -> test accuracy of a registered model on this test split (re-scoring a champion)."""
+
+    def score(uri: str) -> float:
+        import mlflow.keras
+
+        model = mlflow.keras.load_model(uri)
+        return classification_metrics(test.y, predict_probabilities(model, test.x, batch_size))["accuracy"]
+
+    return score
+
+
 def flat_metrics(metrics: dict, prefix: str = "test") -> dict[str, float]:
     flat = {f"{prefix}_{k}": v for k, v in metrics.items() if k != "per_class"}
     for digit, scores in metrics["per_class"].items():
@@ -183,16 +195,8 @@ def main() -> None:
                             "test_macro_f1": f"{metrics['macro_f1']:.6f}", "test_data_sha256": digest,
                             "preset": str(record.get("preset", "")), "test_images": str(len(test))}
             version = registry.register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
-
-            def score(uri: str) -> float:
-                import mlflow.keras
-
-                champion_model = mlflow.keras.load_model(uri)
-                return classification_metrics(
-                    test.y, predict_probabilities(champion_model, test.x, params.evaluate.batch_size))["accuracy"]
-
             decision = registry.promote(params.tracking.registered_model, str(version.version),
-                                        params.promote.margin, digest, score)
+                                        params.promote.margin, digest, make_scorer(test, params.evaluate.batch_size))
             mlflow.log_dict({"version": str(version.version), "status": decision.status, "reason": decision.reason,
                              "candidate_accuracy": decision.candidate_accuracy,
                              "champion_accuracy": decision.champion_accuracy, "margin": decision.margin},

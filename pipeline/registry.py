@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.paths import project_root

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from pipeline.config import Choice, FloatRange, IntRange, Params, Recipe, TuneParams, load_params, params_hash
 from pipeline.errors import PipelineError, exit_on_user_error
@@ -67,8 +68,8 @@ def validate_space(base: Recipe, space: dict) -> None:
         for value in ends:
             try:
                 base.with_overrides({name: value})
-            except Exception as error:
-                first = getattr(error, "errors", lambda: [{"msg": str(error)}])()[0]["msg"]
+            except ValidationError as error:
+                first = error.errors()[0]["msg"]
                 raise PipelineError(f"bad parameter in params.yaml: tune.space.{name}: value {value!r}: {first}") from None
 
 

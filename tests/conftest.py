@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,13 @@ def mnist_npz(tmp_path_factory) -> Path:
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     return work / "mnist.npz"
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now, for servers the tests start."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def copy_project(destination: Path) -> Path:

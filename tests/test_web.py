@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from pipeline.web import MAX_UPLOAD_BYTES, create_app
+from tests.conftest import free_port
 
 try:
     from _predict_fixtures import REPO, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
@@ -172,12 +172,6 @@ def browser_or_skip() -> None:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO_ROOT, copy_project
+from tests.conftest import REPO_ROOT
 
 VENV_BIN = str(Path(sys.executable).parent)
 

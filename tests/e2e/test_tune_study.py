@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import copy_project
+from tests.conftest import copy_project, free_port
 from tests.e2e.conftest import project_env, run, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -105,12 +104,6 @@ def test_rerun_with_full_study_adds_no_trials_and_more_adds(resumed_project):
     run([sys.executable, "-m", "pipeline", "tune", "--more", "1"], project)
     states = study_states(project)
     assert states.count("COMPLETE") + states.count("PRUNED") == 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_optuna_dashboard_reads_the_study(resumed_project):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 POSTGRES_ADMIN_URL = os.environ.get("MNIST_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -51,12 +52,6 @@ def postgres_database():
     with _admin_connection() as admin:
         for name in created:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture
