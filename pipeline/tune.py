@@ -128,7 +128,8 @@ def make_storage(tune: TuneParams):
             heartbeat_interval=tune.heartbeat_interval_s,
             grace_period=tune.grace_period_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            engine_kwargs={"pool_pre_ping": True} if not resolved.startswith("sqlite") else None,
+            # SQLite: wait for a busy database (optuna-dashboard, a second process) instead of failing
+            engine_kwargs={"connect_args": {"timeout": 60}} if resolved.startswith("sqlite") else {"pool_pre_ping": True},
         )
     except (optuna.exceptions.StorageInternalError, Exception) as error:
         raise PipelineError(

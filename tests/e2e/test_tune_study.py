@@ -27,14 +27,21 @@ def current_study_name(project) -> str:
 
 
 def study_states(project) -> list[str]:
+    """Trial states in number order, read through a read-only SQLite connection (never a writer
+    competing with the tuning process for the lock)."""
+    import sqlite3
+
     database = project / "studies" / "optuna.db"
     if not database.exists():
         return []
     try:
-        study = optuna.load_study(study_name=current_study_name(project), storage=f"sqlite:///{database}")
-    except (KeyError, optuna.exceptions.StorageInternalError):
-        return []  # not created yet
-    return [trial.state.name for trial in study.get_trials(deepcopy=False)]
+        with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as db:
+            rows = db.execute(
+                "select t.state from trials t join studies s on t.study_id = s.study_id "
+                "where s.study_name = ? order by t.number", (current_study_name(project),)).fetchall()
+    except sqlite3.OperationalError:
+        return []  # tables not created yet
+    return [state for (state,) in rows]
 
 
 def prepared_project(tmp_path_factory, **overrides):
@@ -51,11 +58,12 @@ def resumed_project(tmp_path_factory):
     project = prepared_project(tmp_path_factory, **{
         "tune.n_trials": 3, "tune.epochs": 3, "tune.train_images": 1500, "tune.pruner": "none",
         "tune.heartbeat_interval_s": 1, "tune.grace_period_s": 3})
+    log = (project / "tune.log").open("w")
     worker = subprocess.Popen([sys.executable, "-m", "pipeline.tune"], cwd=project, env=project_env(project),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and study_states(project)[1:2] != ["RUNNING"]:
-        assert worker.poll() is None, "tuning ended before it could be killed"
+        assert worker.poll() is None, f"tuning ended before it could be killed: {(project / 'tune.log').read_text()[-1500:]}"
         time.sleep(0.5)
     time.sleep(2)  # well inside trial 1
     worker.send_signal(signal.SIGKILL)
