@@ -7,7 +7,7 @@ import importlib
 import sys
 
 from pipeline.config import load_params
-from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.errors import exit_on_user_error
 
 # command -> (module, help); each module exposes main(argv) or cli(argv)
 DELEGATED = {
@@ -112,8 +112,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except PipelineError as error:  # pragma: no cover - main() already reports these
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    raise SystemExit(main())

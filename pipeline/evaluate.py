@@ -10,7 +10,6 @@ import csv
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.paths import publish
 from pipeline.runtime import setup_logging, setup_tensorflow
 
 log = logging.getLogger("pipeline.evaluate")
@@ -203,12 +203,8 @@ def main() -> None:
                             "promotion.json")
             mlflow.set_tags({"registered_version": str(version.version), "promotion": decision.status})
 
-        metrics_dir.mkdir(parents=True, exist_ok=True)
-        figures_dir.mkdir(parents=True, exist_ok=True)
-        for name, target in ((METRICS_FILE, metrics_dir), (PER_CLASS_FILE, metrics_dir), (CONFUSION_FILE, metrics_dir)):
-            os.replace(staging / name, target / name)
-        for name in FIGURES:
-            os.replace(staging / name, figures_dir / name)
+        publish(staging, {**{name: metrics_dir / name for name in (METRICS_FILE, PER_CLASS_FILE, CONFUSION_FILE)},
+                          **{name: figures_dir / name for name in FIGURES}})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("test accuracy %.4f (%d errors), macro F1 %.4f; %s v%s %s: %s", metrics["accuracy"], metrics["errors"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 _DVC_TEMP_EXPS = (".dvc", "tmp", "exps")
@@ -25,3 +26,11 @@ def resolve_in_project(path: str, start: Path | None = None) -> Path:
     """An absolute path for a project-relative setting (absolute ones pass through)."""
     candidate = Path(path).expanduser()
     return candidate if candidate.is_absolute() else project_root(start) / candidate
+
+
+def publish(staging: Path, targets: dict[str, Path]) -> None:
+    """Move finished files from a staging folder to their places (same filesystem: atomic renames),
+    only once every one of them has been written."""
+    for name, target in targets.items():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / name, target)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 
 from pipeline.config import Params, Recipe, TrainParams, load_params, params_hash
 from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.paths import publish
 from pipeline.runtime import setup_logging, setup_tensorflow
 
 log = logging.getLogger("pipeline.train")
@@ -123,13 +123,6 @@ def write_history_csv(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
-def publish(staging: Path, targets: dict[str, Path]) -> None:
-    """Move finished files from the staging folder to their places, only once all exist."""
-    for name, target in targets.items():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging / name, target)
-
-
 @exit_on_user_error
 def main() -> None:
     setup_logging()
@@ -149,7 +142,7 @@ def main() -> None:
 
     output_dir = Path(params.train.output_dir)
     history_path = Path(params.evaluate.output_dir) / HISTORY_FILE
-    with tempfile.TemporaryDirectory(prefix=".train.", dir=output_dir.parent if output_dir.parent.exists() else None) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".train.", dir=".") as tmp:  # same filesystem as the outputs
         staging = Path(tmp)
         run_name = f"train {params.train.preset} {time.strftime('%Y-%m-%d %H:%M:%S')}"  # seeded RNG would repeat MLflow's random names
         with mlflow.start_run(run_name=run_name, tags=tracking.run_tags("train", params_hash(params))) as run:
