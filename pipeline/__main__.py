@@ -15,6 +15,7 @@ DELEGATED = {
     "tune-worker": ("pipeline.tune:worker_main", "join the study in params.yaml as one more worker"),
     "predict": ("pipeline.predict", "predict digits in your own image files"),
     "web": ("pipeline.web", "serve a page to draw or upload a digit"),
+    "serve": ("pipeline.serve", "serve the champion with MLflow's scoring app and a request-size limit"),
 }
 
 

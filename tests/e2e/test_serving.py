@@ -1,13 +1,17 @@
-"""The champion served by the real `mlflow models serve` process, called over HTTP on loopback."""
+"""The champion served by the real `mlflow models serve` and `python -m pipeline serve` processes, over loopback."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -28,31 +32,60 @@ def post(url: str, body: bytes, content_type: str = "application/json") -> tuple
         return error.code, json.loads(error.read() or b"{}")
 
 
-@pytest.fixture(scope="module")
-def served_champion(tiny_project):
+def wait_for_ping(base: str, server: subprocess.Popen, log: Path) -> None:
+    for _ in range(240):
+        try:
+            with urllib.request.urlopen(f"{base}/ping", timeout=2):
+                return
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"{server.args} exited: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+    pytest.fail(f"{server.args} did not answer /ping: {log.read_text()[-2000:]}")
+
+
+@contextmanager
+def running(command: list[str], project: Path, log: Path, env: dict[str, str]):
+    """The server `command` (ending in --port) started in the project; yields its base URL."""
     port = free_port()
-    env = project_env(tiny_project) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlruns' / 'mlflow.db'}"}
-    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
-    server = subprocess.Popen(
-        [mlflow_cli, "models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        cwd=tiny_project, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with log.open("w") as stream:
+        server = subprocess.Popen([*command, str(port)], cwd=project, env=env, stdout=stream, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2):
-                    break
-            except OSError:
-                if server.poll() is not None:
-                    pytest.fail(f"mlflow models serve exited: {server.stderr.read()[-2000:]}")
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow models serve did not answer /ping")
+        wait_for_ping(base, server, log)
         yield base
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def mlflow_served(tiny_project, tmp_path_factory):
+    env = project_env(tiny_project) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlruns' / 'mlflow.db'}"}
+    mlflow_cli = str(Path(sys.executable).parent / "mlflow")
+    command = [mlflow_cli, "models", "serve", "-m", "models:/mnist-cnn@champion", "--env-manager", "local",
+               "--host", "127.0.0.1", "--workers", "1", "--port"]
+    with running(command, tiny_project, tmp_path_factory.mktemp("serve") / "mlflow.log", env) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def pipeline_log(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("serve") / "pipeline.log"
+
+
+@pytest.fixture(scope="module")
+def pipeline_served(tiny_project, pipeline_log):
+    """`python -m pipeline serve` with its defaults (the project's store, the champion) and a 1 MiB limit."""
+    command = [sys.executable, "-m", "pipeline", "serve", "--max-body-mb", "1", "--port"]
+    with running(command, tiny_project, pipeline_log, project_env(tiny_project)) as base:
+        yield base
+
+
+@pytest.fixture(params=["mlflow models serve", "python -m pipeline serve"])
+def served_champion(request):
+    """The champion behind either server: both answer MLflow's scoring protocol alike."""
+    return request.getfixturevalue("mlflow_served" if request.param.startswith("mlflow") else "pipeline_served")
 
 
 def test_invocations_return_ten_probabilities_per_image(served_champion, mnist_npz):
@@ -85,3 +118,60 @@ def test_bad_requests_get_4xx_with_a_message_and_server_keeps_serving(served_cha
     assert answer.get("message")
     with urllib.request.urlopen(f"{served_champion}/ping", timeout=5) as response:
         assert response.status == 200
+
+
+# --- python -m pipeline serve: the request-size limit ----------------------------------------
+
+MIB = 1024 * 1024
+
+
+def images_json(count: int) -> bytes:
+    return json.dumps({"inputs": np.zeros((count, 28, 28, 1)).tolist()}).encode()
+
+
+def post_chunked(base: str, chunks: Iterator[bytes]) -> tuple[int, dict]:
+    """POST with Transfer-Encoding: chunked (no Content-Length), as streaming clients send."""
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    try:
+        connection.request("POST", "/invocations", body=chunks, headers={"Content-Type": "application/json"},
+                           encode_chunked=True)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def assert_still_serving(base: str) -> None:
+    with urllib.request.urlopen(f"{base}/ping", timeout=5) as response:
+        assert response.status == 200
+    status, answer = post(f"{base}/invocations", images_json(3))
+    assert status == 200 and np.asarray(answer["predictions"]).shape == (3, 10)
+
+
+def test_pipeline_serve_logs_its_url_and_limit(pipeline_served, pipeline_log):
+    assert f"{pipeline_served}/invocations; bodies over 1 MiB get 413" in pipeline_log.read_text()
+
+
+def test_a_body_declared_over_the_limit_gets_413_and_the_server_keeps_serving(pipeline_served):
+    body = images_json(400)
+    assert len(body) > MIB
+    status, answer = post(f"{pipeline_served}/invocations", body)
+    assert status == 413, answer
+    assert answer["error_code"] == "REQUEST_TOO_LARGE"
+    assert "1 MiB" in answer["message"] and "--max-body-mb" in answer["message"]
+    assert_still_serving(pipeline_served)
+
+
+def test_a_chunked_body_streaming_past_the_limit_gets_413_and_the_server_keeps_serving(pipeline_served):
+    body = images_json(400)
+    status, answer = post_chunked(pipeline_served, (body[i : i + 64 * 1024] for i in range(0, len(body), 64 * 1024)))
+    assert status == 413, answer
+    assert answer["error_code"] == "REQUEST_TOO_LARGE"
+    assert_still_serving(pipeline_served)
+
+
+def test_a_chunked_body_within_the_limit_is_predicted(pipeline_served):
+    body = images_json(5)
+    status, answer = post_chunked(pipeline_served, (body[i : i + 1000] for i in range(0, len(body), 1000)))
+    assert status == 200 and np.asarray(answer["predictions"]).shape == (5, 10)
