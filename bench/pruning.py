@@ -95,7 +95,7 @@ def warm_up(params: Params, data: dict) -> None:
     from pipeline.model import build_model, compile_model
 
     recipe = params.presets[params.tune.base_preset]
-    model = compile_model(build_model(recipe, seed=params.seed), recipe, 2)
+    model = compile_model(build_model(recipe, seed=params.seed), recipe, steps_per_epoch=2, epochs=1)
     model.fit(data["x_train"][:256], data["y_train"][:256], validation_data=(data["x_val"][:128], data["y_val"][:128]),
               epochs=1, batch_size=recipe.batch_size, verbose=0)
     keras.backend.clear_session()

@@ -57,6 +57,7 @@ class PreprocessParams(_Strict):
 class Recipe(_Strict):
     """Architecture and optimisation recipe of one CNN: a preset, possibly with tuned values."""
 
+    patch_size: Literal[1, 2] = 1  # 2: fold each 2x2 pixel patch into channels first (14x14x4), 4x fewer positions
     conv_filters: list[PositiveInt] = [32, 64]  # one block per entry, each ending in 2x2 max-pool
     convs_per_block: Annotated[int, Field(ge=1, le=3)] = 1
     kernel_size: Literal[3, 5] = 3
@@ -69,6 +70,9 @@ class Recipe(_Strict):
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 1e-3
     weight_decay: Annotated[float, Field(ge=0.0, le=0.1)] = 0.0
     schedule: Literal["constant", "onecycle", "cosine"] = "constant"
+    warmup: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25  # onecycle: share of all steps spent warming up
+    # average the weights over about this many recent epochs; evaluation and the saved model use the average; 0 = off
+    ema_epochs: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
     batch_size: PositiveInt = 128
 
     def with_overrides(self, overrides: dict) -> "Recipe":

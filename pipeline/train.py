@@ -83,16 +83,18 @@ def make_epoch_recorder(history: list[dict[str, float]], on_epoch=None):
 
 
 def fit(recipe: Recipe, train: TrainParams, x_train, y_train, x_val, y_val, seed: int, on_epoch=None):
-    """Build, compile and fit; returns (model, per-epoch history rows). Early stopping on val_accuracy."""
+    """Build, compile and fit; returns (the model to save, per-epoch history rows). Early stopping on
+    val_accuracy."""
     import keras
 
-    from pipeline.model import build_model, compile_model
+    from pipeline.model import (build_model, compile_model, inference_model, steps_per_epoch,
+                                weight_average_callbacks)
 
     model = build_model(recipe, seed=seed)
-    steps = int(np.ceil(len(x_train) / recipe.batch_size)) * train.epochs
-    compile_model(model, recipe, steps)
+    compile_model(model, recipe, steps_per_epoch(len(x_train), recipe.batch_size), train.epochs)
     history: list[dict[str, float]] = []
     callbacks = [
+        *weight_average_callbacks(recipe),
         make_epoch_recorder(history, on_epoch),
         keras.callbacks.EarlyStopping(
             monitor="val_accuracy", patience=train.patience, restore_best_weights=True, verbose=1
@@ -102,7 +104,7 @@ def fit(recipe: Recipe, train: TrainParams, x_train, y_train, x_val, y_val, seed
         x_train, y_train, validation_data=(x_val, y_val), epochs=train.epochs,
         batch_size=recipe.batch_size, shuffle=True, callbacks=callbacks, verbose=2,
     )
-    return model, history
+    return inference_model(model, recipe), history
 
 
 def model_signature():

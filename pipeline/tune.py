@@ -11,7 +11,6 @@ import argparse
 import gc
 import json
 import logging
-import math
 import os
 import socket
 import tempfile
@@ -245,7 +244,7 @@ class Objective:
         from optuna_integration import KerasPruningCallback
 
         from pipeline import tracking
-        from pipeline.model import build_model, compile_model
+        from pipeline.model import build_model, compile_model, steps_per_epoch, weight_average_callbacks
         from pipeline.train import make_epoch_recorder
 
         tune = self.params.tune
@@ -265,8 +264,7 @@ class Objective:
             mlflow.log_params({**{f"trial.{k}": str(v) for k, v in overrides.items()},
                                **tracking.flatten("recipe", recipe.model_dump()), "trial_number": trial.number})
             model = build_model(recipe, seed=self.params.seed)
-            steps = math.ceil(len(self.data["y_train"]) / recipe.batch_size) * tune.epochs
-            compile_model(model, recipe, steps)
+            compile_model(model, recipe, steps_per_epoch(len(self.data["y_train"]), recipe.batch_size), tune.epochs)
             history: list[dict] = []
             recorder = make_epoch_recorder(history, on_epoch=lambda row: mlflow.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])))
@@ -275,7 +273,8 @@ class Objective:
                 model.fit(self.data["x_train"], self.data["y_train"],
                           validation_data=(self.data["x_val"], self.data["y_val"]),
                           epochs=tune.epochs, batch_size=recipe.batch_size, shuffle=True, verbose=0,
-                          callbacks=[recorder, require_metric_callback(MONITOR), KerasPruningCallback(trial, MONITOR)])
+                          callbacks=[*weight_average_callbacks(recipe), recorder, require_metric_callback(MONITOR),
+                                     KerasPruningCallback(trial, MONITOR)])
             except optuna.TrialPruned:
                 mlflow.set_tags({"optuna.state": "PRUNED", "epochs_run": str(len(history))})
                 mlflow.log_metric("trial_seconds", time.perf_counter() - started)

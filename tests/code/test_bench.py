@@ -166,7 +166,7 @@ from bench.serving import measure_serving
 
 setup_logging()
 mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", artifact_location=sys.argv[1]))
-model = compile_model(build_model(Recipe()), Recipe(), 1)
+model = compile_model(build_model(Recipe()), Recipe(), steps_per_epoch=1, epochs=1)
 with mlflow.start_run():
     info = mlflow.keras.log_model(model, name="model", signature=model_signature(), registered_model_name="mnist-cnn")
 mlflow.MlflowClient().set_registered_model_alias("mnist-cnn", "champion", info.registered_model_version)

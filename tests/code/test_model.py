@@ -42,7 +42,7 @@ def test_onecycle_warms_up_then_decays():
 
 def test_compiled_model_reports_learning_rate():
     recipe = Recipe(schedule="constant", learning_rate=0.002)
-    model = compile_model(build_model(recipe), recipe, total_steps=10)
+    model = compile_model(build_model(recipe), recipe, steps_per_epoch=5, epochs=2)
     assert current_learning_rate(model.optimizer) == pytest.approx(0.002)
 
 
@@ -56,3 +56,96 @@ def test_same_seed_same_initial_weights():
     second = build_model(recipe, seed=7).get_weights()
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
+
+
+def test_space_to_depth_folds_each_patch_into_channels():
+    import keras
+
+    from pipeline.model import space_to_depth
+
+    inputs = keras.Input((28, 28, 1))
+    fold = keras.Model(inputs, space_to_depth(inputs, 2))
+    pixels = np.arange(28 * 28, dtype=np.float32).reshape(1, 28, 28, 1)
+    folded = np.asarray(fold(pixels))
+    assert folded.shape == (1, 14, 14, 4)
+    # position (i, j) holds the patch's pixels row by row: (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1)
+    i, j = 3, 5
+    expected = [pixels[0, 2 * i, 2 * j, 0], pixels[0, 2 * i, 2 * j + 1, 0],
+                pixels[0, 2 * i + 1, 2 * j, 0], pixels[0, 2 * i + 1, 2 * j + 1, 0]]
+    np.testing.assert_array_equal(folded[0, i, j], expected)
+
+
+def test_patch_stem_model_saves_and_loads_without_custom_code(tmp_path):
+    import keras
+
+    recipe = Recipe(patch_size=2, conv_filters=[8, 16], padding="same", dense_units=16)
+    model = build_model(recipe)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded(pixels)), np.asarray(model(pixels)), rtol=1e-6)
+
+
+def test_ema_momentum_spans_the_asked_epochs():
+    from pipeline.model import ema_momentum
+
+    assert ema_momentum(1.0, 100) == pytest.approx(0.99)
+    assert ema_momentum(0.5, 100) == pytest.approx(0.98)
+    assert ema_momentum(0.001, 10) == 0.0  # shorter than a step: no averaging
+
+
+def test_weight_average_is_what_epoch_end_callbacks_see_and_what_is_kept():
+    """Validation, early stopping and scoring see the averaged weights; the model keeps them."""
+    import keras
+
+    from pipeline.model import steps_per_epoch, weight_average_callbacks
+
+    keras.utils.set_random_seed(3)
+    recipe = Recipe(conv_filters=[4], dense_units=8, ema_epochs=1.0, learning_rate=0.01)
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)
+    model = compile_model(build_model(recipe), recipe, steps_per_epoch(len(x), 16), epochs=2)
+    seen = []
+    spy = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(model.get_weights()))
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[*weight_average_callbacks(recipe), spy])
+    for kept, at_epoch_end in zip(model.get_weights(), seen[-1]):  # without the swap, fit's end would
+        np.testing.assert_array_equal(kept, at_epoch_end)          # replace what was scored
+
+
+def test_warp_is_identity_without_rotation_zoom_or_shift_and_shifts_whole_pixels():
+    import keras
+
+    from pipeline.model import warp_matrices
+
+    image = np.zeros((1, 28, 28, 1), np.float32)
+    image[0, 10, 12, 0] = 1.0
+    zero, one = np.zeros(1, np.float32), np.ones(1, np.float32)
+    same = keras.ops.image.affine_transform(image, warp_matrices(zero, one, zero, zero))
+    np.testing.assert_allclose(np.asarray(same), image, atol=1e-6)
+    moved = np.asarray(keras.ops.image.affine_transform(image, warp_matrices(zero, one, 3 * one, -2 * one)))
+    assert moved[0, 8, 15, 0] == pytest.approx(1.0)  # 3 px right, 2 px up
+
+
+def test_augmentation_changes_training_images_only():
+    from pipeline.model import RandomAffine
+
+    layer = RandomAffine(0.15, seed=1)
+    images = np.random.default_rng(2).random((4, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(layer(images, training=False)), images)
+    assert not np.allclose(np.asarray(layer(images, training=True)), images)
+
+
+def test_inference_model_drops_augmentation_and_keeps_the_weights(tmp_path):
+    import keras
+
+    from pipeline.model import inference_model
+
+    recipe = Recipe(conv_filters=[8, 16], dense_units=16, augment=0.1, dropout=0.2)
+    trained = build_model(recipe, seed=4)
+    lean = inference_model(trained, recipe)
+    assert "augment" not in [layer.name for layer in lean.layers]
+    lean.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    assert not any(type(layer).__module__.startswith("pipeline") for layer in loaded.layers)
+    pixels = np.random.default_rng(3).integers(0, 256, (2, 28, 28, 1)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(loaded(pixels)), np.asarray(trained(pixels, training=False)), rtol=1e-6)
