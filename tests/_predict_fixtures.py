@@ -30,7 +30,7 @@ def train_tiny_model(mnist: Path, out: Path) -> Path:
         y = data["y_train"][:TRAIN_IMAGES]
     recipe = load_params(REPO / "params.yaml").recipe("reference")
     steps = int(np.ceil(len(x) / recipe.batch_size))
-    model = compile_model(build_model(recipe, seed=0), recipe, steps, jit_compile=False)
+    model = compile_model(build_model(recipe, seed=0), recipe, steps, epochs=1, jit_compile=False)
     model.fit(x, y, batch_size=recipe.batch_size, epochs=1, verbose=0)
     path = out / "tiny.keras"
     model.save(path)
