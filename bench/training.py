@@ -133,8 +133,7 @@ def run_job(job: TrainJob) -> dict:
     import keras
     import tensorflow as tf
 
-    from pipeline.model import (build_model, compile_model, inference_model, steps_per_epoch,
-                                weight_average_callbacks)
+    from pipeline.model import inference_model, prepare_training
 
     splits = load_splits(job.data_dir, ("train", "test"))
     train = stratified_take(splits["train"], job.train_limit, job.seed)
@@ -144,14 +143,13 @@ def run_job(job: TrainJob) -> dict:
 
     keras.mixed_precision.set_global_policy(job.dtype_policy)  # overrides the one setup_tensorflow chose
     try:
-        model = build_model(job.recipe, seed=job.seed)
-        compile_model(model, job.recipe, steps_per_epoch(len(train), job.recipe.batch_size), job.epochs)
+        model, leading_callbacks = prepare_training(job.recipe, job.seed, len(train), job.epochs)
         clock = make_test_clock(x_test, test.y)
         log.info("%s: preset %s%s, %d epochs on %d images, %s", job.role, job.preset, " (tuned)" if job.tuned else "",
                  job.epochs, len(train), job.dtype_policy)
         clock.started = time.perf_counter()
         model.fit(x_train, train.y, epochs=job.epochs, batch_size=job.recipe.batch_size, shuffle=True,
-                  callbacks=[*weight_average_callbacks(job.recipe), clock], verbose=0)
+                  callbacks=[*leading_callbacks, clock], verbose=0)
         train_seconds = clock.train_seconds[-1]  # at the last epoch's end, like every per-epoch reading
         peak_rss_train = peak_rss_mib()
         model = inference_model(model, job.recipe)  # what train saves and serves

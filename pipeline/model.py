@@ -169,6 +169,15 @@ def compile_model(model: keras.Model, recipe: Recipe, steps_per_epoch: int, epoc
     return model
 
 
+def prepare_training(recipe: Recipe, seed: int, train_images: int, epochs: int,
+                     jit_compile: bool | str = "auto") -> tuple[keras.Model, list[keras.callbacks.Callback]]:
+    """The model built and compiled for `epochs` over `train_images`, and the callbacks that must lead
+    `fit`'s callback list (the weight-average swap, so the callbacks after it see the averaged weights)."""
+    model = build_model(recipe, seed=seed)
+    compile_model(model, recipe, steps_per_epoch(train_images, recipe.batch_size), epochs, jit_compile)
+    return model, weight_average_callbacks(recipe)
+
+
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
     """The rate the optimizer applies at its current step, schedule included."""
     return float(keras.ops.convert_to_numpy(optimizer.learning_rate))

