@@ -489,9 +489,10 @@ def cli(argv: list[str] | None = None) -> int:
         rows = generate(Path(args.out), args.count, args.seed)
         print(f"wrote {len(rows)} pictures and {LABELS_FILE} to {args.out}")
         return 0
-    from pipeline.predict import DEFAULT_MODEL_URI, load_model
+    from pipeline.predict import load_model
+    from pipeline.registry import champion_uri
 
-    model = load_model(args.model or DEFAULT_MODEL_URI)
+    model = load_model(args.model or champion_uri())
     if args.command == "sheet":
         figure = prediction_sheet(model, args.folder)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,6 @@ from pipeline.errors import PipelineError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_URI = "models:/mnist-cnn@champion"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 MAX_PIXELS = 40_000_000  # larger pictures are refused before decoding (decompression bombs)
 WORKING_SIDE = 800  # pictures are shrunk to at most this many pixels a side before any filtering
@@ -344,10 +343,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Predict the digit in each image (PNG, JPEG, BMP; any size, colour or grey).",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="picture files, one digit each")
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL_URI,
-        help=f"models:/ or runs:/ URI, MLflow model folder or .keras file (default: {DEFAULT_MODEL_URI})",
-    )
+    parser.add_argument("--model", help="models:/ or runs:/ URI, MLflow model folder or .keras file (default: models:/<tracking.registered_model>@champion from params.yaml)")
     parser.add_argument("--json", action="store_true", help="print a JSON array instead of lines")
     return parser.parse_args(argv)
 
@@ -363,7 +359,9 @@ def cli(argv: list[str] | None = None) -> int:
     """Exit status 0 when every image was predicted, 1 when some could not be read."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    model = load_model(args.model)
+    from pipeline.registry import champion_uri
+
+    model = load_model(args.model or champion_uri())
     results = predict_files(model, args.images)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -21,6 +21,17 @@ CHALLENGER = "challenger"
 CHAMPION_HISTORY_TAG = "champion_history"  # on the model: versions that held champion, oldest first
 
 
+def champion_uri(params_file: str = "params.yaml") -> str:
+    """The champion of the project's registered model (`tracking.registered_model` in params.yaml;
+    the built-in name where the project has no params.yaml)."""
+    from pipeline.config import TrackingParams, load_params
+    from pipeline.paths import resolve_in_project
+
+    path = resolve_in_project(params_file)
+    name = load_params(path).tracking.registered_model if path.is_file() else TrackingParams().registered_model
+    return f"models:/{name}@{CHAMPION}"
+
+
 @dataclass(frozen=True)
 class Decision:
     promote: bool

@@ -112,12 +112,6 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def default_model_uri(params_path: str = "params.yaml") -> str:
-    from pipeline.config import load_params
-
-    return f"models:/{load_params(params_path).tracking.registered_model}@champion"
-
-
 def load_pyfunc(uri: str) -> Any:
     """The model as MLflow's pyfunc, from the project's store (or MLFLOW_TRACKING_URI)."""
     import mlflow.pyfunc
@@ -180,7 +174,9 @@ def cli(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     setup_logging()
-    uri = args.model or default_model_uri()
+    from pipeline.registry import champion_uri
+
+    uri = args.model or champion_uri()
     max_bytes = int(args.max_body_mb * MIB)
     server_socket = listen(args.host, args.port)  # a busy port fails before the model loads
     app = build_app(load_pyfunc(uri), max_bytes)

@@ -23,7 +23,6 @@ from werkzeug.exceptions import HTTPException
 
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.predict import (
-    DEFAULT_MODEL_URI,
     ImageError,
     describe,
     load_model,
@@ -31,6 +30,7 @@ from pipeline.predict import (
     probabilities,
     read_image,
 )
+from pipeline.registry import champion_uri
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,10 @@ def image_bytes_from_request() -> tuple[bytes, str]:
     raise BadUpload(f"unsupported content type {request.mimetype or 'none'!r}; {USAGE}")
 
 
-def create_app(model_uri: str = DEFAULT_MODEL_URI, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flask:
-    """The web app; the model is loaded at the first prediction (or by `warm_up`)."""
+def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flask:
+    """The web app; the model (by default the project's champion) is loaded at the first prediction
+    (or by `warm_up`)."""
+    model_uri = model_uri or champion_uri()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = max_upload_bytes
@@ -157,10 +159,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline web", description="Draw or upload a digit, see the prediction.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5005, help="port (default: 5005)")
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL_URI,
-        help=f"models:/ or runs:/ URI, MLflow model folder or .keras file (default: {DEFAULT_MODEL_URI})",
-    )
+    parser.add_argument("--model", help="models:/ or runs:/ URI, MLflow model folder or .keras file (default: models:/<tracking.registered_model>@champion from params.yaml)")
     return parser.parse_args(argv)
 
 
@@ -168,9 +167,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args.model)
+    model_uri = args.model or champion_uri()
+    app = create_app(model_uri)
     warm_up(app)
-    print(f"serving on http://{args.host}:{args.port}/ (model {args.model}); Ctrl+C stops", flush=True)
+    print(f"serving on http://{args.host}:{args.port}/ (model {model_uri}); Ctrl+C stops", flush=True)
     try:
         app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
     except OSError as error:

@@ -15,13 +15,35 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`), keep the tests that share an expensive fixture on one
-    worker: every user of the session's `tiny_project` (built once), and each module's tests (its
-    module-scoped fixtures are built once)."""
-    for item in items:
-        group = "tiny_project" if "tiny_project" in item.fixturenames else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+# The modules whose tests use the session's `tiny_project`: under pytest-xdist one worker runs them
+# all, so the project is built once (checked at collection).
+TINY_PROJECT_MODULES = ("tests/e2e/test_dvc_repro.py", "tests/e2e/test_serving.py",
+                        "tests/faults/test_training_faults.py")
+
+
+def work_unit(nodeid: str) -> str:
+    """The xdist work unit of a test: its module (module fixtures are built once), or `tiny_project`."""
+    module = nodeid.split("::", 1)[0]
+    return "tiny_project" if module in TINY_PROJECT_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Hand whole groups to workers. (xdist's own `--dist loadgroup` marks do not take effect
+    under pytest 9.2, whose nodes no longer keep the `_nodeid` that xdist rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def pytest_itemcollected(item):
+    module = item.nodeid.split("::", 1)[0]
+    if "tiny_project" in item.fixturenames and module not in TINY_PROJECT_MODULES:
+        raise pytest.UsageError(f"{module} uses tiny_project: add it to TINY_PROJECT_MODULES in tests/conftest.py")
 
 
 @pytest.fixture(scope="session")

@@ -18,3 +18,13 @@ def test_candidate_must_beat_champion_by_margin(candidate, champion, margin, exp
     decision = decide_promotion(candidate, champion, margin)
     assert decision.status == ("promoted" if expected else "rejected")
     assert f"{champion:.4f}" in decision.reason
+
+
+def test_champion_uri_follows_the_registered_model_in_params(tmp_path, monkeypatch, repo_root):
+    from pipeline.registry import champion_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert champion_uri() == "models:/mnist-cnn@champion"  # no params.yaml here: the built-in name
+    params = (repo_root / "params.yaml").read_text().replace("registered_model: mnist-cnn", "registered_model: digits")
+    (tmp_path / "params.yaml").write_text(params)
+    assert champion_uri() == "models:/digits@champion"

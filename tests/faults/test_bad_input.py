@@ -122,6 +122,7 @@ def test_damaged_best_params_is_reported(project):
 
 def test_unreachable_tracking_server_fails_before_training(project):
     best = project / "models" / "best_params.json"
+    best.parent.mkdir(exist_ok=True)
     best.write_text('{"base_preset": "reference", "params": {}}')
     import subprocess
 
