@@ -24,6 +24,8 @@ from pipeline.errors import PipelineError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
+MODEL_OPTION_HELP = ("models:/ or runs:/ URI, MLflow model folder or .keras file "
+                     "(default: models:/<tracking.registered_model>@champion from params.yaml)")
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 MAX_PIXELS = 40_000_000  # larger pictures are refused before decoding (decompression bombs)
 WORKING_SIDE = 800  # pictures are shrunk to at most this many pixels a side before any filtering
@@ -343,7 +345,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Predict the digit in each image (PNG, JPEG, BMP; any size, colour or grey).",
     )
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="picture files, one digit each")
-    parser.add_argument("--model", help="models:/ or runs:/ URI, MLflow model folder or .keras file (default: models:/<tracking.registered_model>@champion from params.yaml)")
+    parser.add_argument("--model", help=MODEL_OPTION_HELP)
     parser.add_argument("--json", action="store_true", help="print a JSON array instead of lines")
     return parser.parse_args(argv)
 

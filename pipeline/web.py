@@ -23,6 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from pipeline.errors import PipelineError, exit_on_user_error
 from pipeline.predict import (
+    MODEL_OPTION_HELP,
     ImageError,
     describe,
     load_model,
@@ -159,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline web", description="Draw or upload a digit, see the prediction.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5005, help="port (default: 5005)")
-    parser.add_argument("--model", help="models:/ or runs:/ URI, MLflow model folder or .keras file (default: models:/<tracking.registered_model>@champion from params.yaml)")
+    parser.add_argument("--model", help=MODEL_OPTION_HELP)
     return parser.parse_args(argv)
 
 
