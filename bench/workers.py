@@ -21,10 +21,12 @@ import yaml
 log = logging.getLogger("bench.workers")
 
 
-def arm_params(params_path: Path, storage: str, study: str, trials: int, workers: int) -> dict:
+def arm_params(params_path: Path, storage: str, study: str, trials: int, workers: int, work_dir: Path) -> dict:
+    """The project's params for one arm: its own study, and its best params written into `work_dir`,
+    never over the project's `tune.output` (which `dvc repro train` reads)."""
     params = yaml.safe_load(params_path.read_text())
     params["tune"].update(storage=storage, study_name=study, n_trials=trials, pruner="none", workers=workers,
-                          enqueue_preset=True)
+                          enqueue_preset=True, output=str(work_dir / f"best_params-{workers}.json"))
     return params
 
 
@@ -44,7 +46,7 @@ def run_arm(params_path: Path, storage: str, trials: int, workers: int, work_dir
     from pipeline.tune import study_name
 
     name = f"bench-workers-{workers}-{uuid.uuid4().hex[:6]}"
-    raw = arm_params(params_path, storage, name, trials, workers)
+    raw = arm_params(params_path, storage, name, trials, workers, work_dir)
     arm_file = work_dir / f"params-{workers}.yaml"
     arm_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work_dir / 'mlflow.db'}"}

@@ -54,6 +54,17 @@ def fake_trial(number: int, state: str, values: list[float]):
     return trial
 
 
+def test_workers_arm_keeps_its_best_params_out_of_the_project(tmp_path):
+    from bench.workers import arm_params
+    from pipeline.config import parse_params
+
+    raw = arm_params(REPO_ROOT / "params.yaml", "postgresql+psycopg://h/db", "bench-x", trials=4, workers=2,
+                     work_dir=tmp_path)
+    tune = parse_params(raw).tune
+    assert Path(tune.output).parent == tmp_path  # not models/best_params.json, which train reads
+    assert (tune.storage, tune.study_name, tune.n_trials, tune.workers) == ("postgresql+psycopg://h/db", "bench-x", 4, 2)
+
+
 def test_pruned_trials_count_only_the_epochs_they_ran():
     trials = [trial_record(fake_trial(0, "COMPLETE", [0.9, 0.95, 0.97])), trial_record(fake_trial(1, "PRUNED", [0.5])),
               trial_record(fake_trial(2, "COMPLETE", [0.92, 0.96, 0.98]))]
