@@ -228,6 +228,22 @@ def require_metric_callback(monitor: str):
     return RequireMetric()
 
 
+def pruning_callback(trial, monitor: str, epochs: int):
+    """Optuna's Keras pruning callback, except after the last epoch: there the value is reported but
+    never pruned, since the trial has already cost all its epochs and pruning it would only throw
+    its result away."""
+    from optuna_integration import KerasPruningCallback
+
+    class PruneBeforeLastEpoch(KerasPruningCallback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch + 1 < epochs:
+                super().on_epoch_end(epoch, logs)
+            else:
+                trial.report(float((logs or {})[monitor]), step=epoch)
+
+    return PruneBeforeLastEpoch(trial, monitor)
+
+
 class Objective:
     """Trains one trial's model on the tuning subsample; logs it as a nested MLflow run."""
 
@@ -241,7 +257,6 @@ class Objective:
         import keras
         import mlflow
         import optuna
-        from optuna_integration import KerasPruningCallback
 
         from pipeline import tracking
         from pipeline.model import prepare_training
@@ -273,7 +288,7 @@ class Objective:
                           validation_data=(self.data["x_val"], self.data["y_val"]),
                           epochs=tune.epochs, batch_size=recipe.batch_size, shuffle=True, verbose=0,
                           callbacks=[*leading_callbacks, recorder, require_metric_callback(MONITOR),
-                                     KerasPruningCallback(trial, MONITOR)])
+                                     pruning_callback(trial, MONITOR, tune.epochs)])
             except optuna.TrialPruned:
                 mlflow.set_tags({"optuna.state": "PRUNED", "epochs_run": str(len(history))})
                 mlflow.log_metric("trial_seconds", time.perf_counter() - started)

@@ -47,3 +47,20 @@ def test_resumed_sampler_does_not_replay_startup_trials():
 
     assert first_values(make_sampler(42, 0)) == first_values(make_sampler(42, 0))
     assert first_values(make_sampler(42, 0)) != first_values(make_sampler(42, 3))
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_pruning_never_throws_away_a_trial_that_trained_all_its_epochs():
+    from pipeline.tune import pruning_callback
+
+    study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+    early, full = study.ask(), study.ask()
+    with pytest.raises(optuna.TrialPruned):
+        pruning_callback(early, "val_accuracy", epochs=3).on_epoch_end(0, {"val_accuracy": 0.5})
+    callback = pruning_callback(full, "val_accuracy", epochs=3)
+    callback.on_epoch_end(2, {"val_accuracy": 0.9})  # the last epoch: reported, not pruned
+    assert study.get_trials()[full.number].intermediate_values == {2: 0.9}
