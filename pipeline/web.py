@@ -168,10 +168,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def cli(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model_uri = args.model or champion_uri()
-    app = create_app(model_uri)
+    app = create_app(args.model)
     warm_up(app)
-    print(f"serving on http://{args.host}:{args.port}/ (model {model_uri}); Ctrl+C stops", flush=True)
+    print(f"serving on http://{args.host}:{args.port}/ (model {app.extensions['mnist_model'].uri}); Ctrl+C stops",
+          flush=True)
     try:
         app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
     except OSError as error:

@@ -41,9 +41,9 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_itemcollected(item):
-    module = item.nodeid.split("::", 1)[0]
-    if "tiny_project" in item.fixturenames and module not in TINY_PROJECT_MODULES:
-        raise pytest.UsageError(f"{module} uses tiny_project: add it to TINY_PROJECT_MODULES in tests/conftest.py")
+    if "tiny_project" in item.fixturenames and work_unit(item.nodeid) != "tiny_project":
+        raise pytest.UsageError(f"{item.nodeid} uses tiny_project: add its module to TINY_PROJECT_MODULES "
+                                "in tests/conftest.py")
 
 
 @pytest.fixture(scope="session")
