@@ -193,7 +193,8 @@ def main() -> None:
             mlflow.log_artifact(str(staging / PER_CLASS_FILE), "metrics")
             version_tags = {"test_accuracy": f"{metrics['accuracy']:.6f}", "test_loss": f"{metrics['loss']:.6f}",
                             "test_macro_f1": f"{metrics['macro_f1']:.6f}", "test_data_sha256": digest,
-                            "preset": str(record.get("preset", "")), "test_images": str(len(test))}
+                            "preset": str(record.get("preset", "")), "test_images": str(len(test)),
+                            **tracking.provenance_tags(mlflow.get_run(record["run_id"]).data.tags)}
             version = registry.register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
             decision = registry.promote(params.tracking.registered_model, str(version.version),
                                         params.promote.margin, digest, make_scorer(test, params.evaluate.batch_size))

@@ -215,7 +215,7 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
 
 
 def version_rows(model_name: str) -> list[dict[str, str]]:
-    """One row per version, newest first: aliases, status and test metrics from its tags."""
+    """One row per version, newest first: aliases, status, test metrics and DVC experiment from its tags."""
     mlflow_client = client()
     from mlflow.exceptions import MlflowException
 
@@ -237,6 +237,7 @@ def version_rows(model_name: str) -> list[dict[str, str]]:
             "test_accuracy": tags.get("test_accuracy", "-"),
             "test_macro_f1": tags.get("test_macro_f1", "-"),
             "preset": tags.get("preset", "-"),
+            "dvc_exp": tags.get("dvc_exp_name", "-"),
             "run_id": (version.run_id or "-")[:12],
         })
     return rows

@@ -124,6 +124,16 @@ def run_tags(kind: str, params_digest: str) -> dict[str, str]:
     return tags
 
 
+# Run tags a registered version repeats, under the version's own names: where the model came from.
+PROVENANCE_TAGS = {"mlflow.source.git.commit": "git_commit", "params_hash": "params_hash",
+                   "dvc_exp_name": "dvc_exp_name", "dvc_exp_baseline_rev": "dvc_exp_baseline_rev"}
+
+
+def provenance_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The commit, params digest and DVC experiment of a run's `tags`, named for a model version."""
+    return {version_key: tags[run_key] for run_key, version_key in PROVENANCE_TAGS.items() if tags.get(run_key)}
+
+
 def flatten(prefix: str, values: dict) -> dict[str, str]:
     """Nested params as MLflow's flat `a.b` keys, lists as strings."""
     flat: dict[str, str] = {}

@@ -159,3 +159,46 @@ def test_second_clone_pulls_instead_of_recomputing(tiny_project, tmp_path):
     assert (clone / "models" / "model.keras").read_bytes() == (tiny_project / "models" / "model.keras").read_bytes()
     result = dvc("repro", project=clone)
     assert "Running stage" not in result.stdout  # everything came from the remote
+
+
+def test_exp_run_tags_the_run_and_the_version_with_the_experiment(tiny_project, tmp_path):
+    """`dvc exp run --temp -S ...` trains a variant without touching the workspace; its MLflow run and
+    registered version both name the DVC experiment (here in a store of its own, so the shared
+    registry keeps its one version)."""
+    import subprocess
+
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "add", "-A"], cwd=tiny_project, check=True)
+    subprocess.run([*git, "commit", "-qm", "baseline for an experiment"], cwd=tiny_project)  # may be a no-op
+    params_before = (tiny_project / "params.yaml").read_text()
+    store = f"sqlite:///{tmp_path / 'exp.db'}"
+    env = project_env(tiny_project) | {"MLFLOW_TRACKING_URI": store}
+    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "one-epoch",
+                             "-S", "train.epochs=1"], cwd=tiny_project, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == ["Running stage 'train':", "Running stage 'evaluate':"]
+
+    assert "one-epoch" in dvc("exp", "list", "--name-only", project=tiny_project).stdout.split()
+    assert (tiny_project / "params.yaml").read_text() == params_before  # --temp left the workspace alone
+    assert "Data and pipelines are up to date" in dvc("status", project=tiny_project).stdout
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=store, registry_uri=store)
+    experiment = client.get_experiment_by_name("mnist")
+    (train_run,) = client.search_runs([experiment.experiment_id], "tags.`mnist.run_kind` = 'train'")
+    assert train_run.data.tags["dvc_exp_name"] == "one-epoch"
+    assert train_run.data.params["train.epochs"] == "1"
+    assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 1
+    (version,) = client.search_model_versions("name='mnist-cnn'")
+    assert version.run_id == train_run.info.run_id
+    assert version.tags["dvc_exp_name"] == "one-epoch"
+    assert version.tags["dvc_exp_baseline_rev"] == train_run.data.tags["dvc_exp_baseline_rev"]
+    assert version.tags["git_commit"] == train_run.data.tags["mlflow.source.git.commit"] != "unknown"
+    assert version.tags["params_hash"] == train_run.data.tags["params_hash"]
+    assert client.get_model_version_by_alias("mnist-cnn", "champion").version == version.version
+    listing = subprocess.run([sys.executable, "-m", "pipeline", "registry"], cwd=tiny_project, env=env,
+                             capture_output=True, text=True, check=True).stdout
+    assert "dvc_exp" in listing.splitlines()[0] and "one-epoch" in listing
