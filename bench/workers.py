@@ -22,11 +22,12 @@ log = logging.getLogger("bench.workers")
 
 
 def arm_params(params_path: Path, storage: str, study: str, trials: int, workers: int, work_dir: Path) -> dict:
-    """The project's params for one arm: its own study, and its best params written into `work_dir`,
-    never over the project's `tune.output` (which `dvc repro train` reads)."""
+    """The project's params for one arm: its own study, and its best params and summary written into
+    `work_dir`, never over the project's `tune.output` (which `dvc repro train` reads) or `tune.summary`."""
     params = yaml.safe_load(params_path.read_text())
     params["tune"].update(storage=storage, study_name=study, n_trials=trials, pruner="none", workers=workers,
-                          enqueue_preset=True, output=str(work_dir / f"best_params-{workers}.json"))
+                          enqueue_preset=True, output=str(work_dir / f"best_params-{workers}.json"),
+                          summary=str(work_dir / f"tune-{workers}.json"))
     return params
 
 

@@ -16,6 +16,7 @@ DELEGATED = {
     "predict": ("pipeline.predict", "predict digits in your own image files"),
     "web": ("pipeline.web", "serve a page to draw or upload a digit"),
     "serve": ("pipeline.serve", "serve the champion with MLflow's scoring app and a request-size limit"),
+    "dashboard": ("pipeline.dashboard", "open optuna-dashboard on the study storage in params.yaml"),
 }
 
 

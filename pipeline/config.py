@@ -152,7 +152,8 @@ class TuneParams(_Strict):
     workers: PositiveInt = 1  # local worker processes sharing the study (use an RDB server for >1)
     heartbeat_interval_s: PositiveInt = 10  # a running trial's worker beats this often ...
     grace_period_s: PositiveInt = 30  # ... and its trial is failed (and retried once) after this long silent
-    output: str = "models/best_params.json"
+    output: str = "models/best_params.json"  # what training reads: the base preset and the best params
+    summary: str = "metrics/tune.json"  # the study's best value, baseline and trial counts (a DVC metric)
     space: dict[str, SearchDimension] = {}
 
     @model_validator(mode="after")

@@ -2,7 +2,8 @@
 
 The study lives in persistent storage (SQLite in the repo by default, any RDB URL such as
 PostgreSQL for many workers), so `dvc repro -f`, an interrupted run or `tune --more N` continue it.
-The best params go to `models/best_params.json`, which final training applies on top of the preset.
+The best params go to `models/best_params.json`, which final training applies on top of the preset;
+the study's best value, baseline and trial counts to `metrics/tune.json`, a DVC metric.
 """
 
 from __future__ import annotations
@@ -341,13 +342,33 @@ def best_overrides(study, space: dict) -> dict:
             for name, value in best.params.items() if name in space}
 
 
-def write_best_params(study, params: Params, output: Path) -> dict:
-    content = {**study_summary(study, params.tune.base_preset), "params": best_overrides(study, params.tune.space)}
+def best_params_record(summary: dict, overrides: dict) -> dict:
+    """What `train` reads, and nothing that changes while the best trial stays the same (trial counts
+    live in the summary), so more trials that find nothing better do not re-run `train`."""
+    return {"study_name": summary["study_name"], "base_preset": summary["base_preset"],
+            "best_trial": summary["best_trial"], "params": overrides}
+
+
+def summary_metrics(summary: dict) -> dict:
+    """The summary as DVC metrics: the study, best and baseline values, trial counts (the best values
+    themselves are in best_params.json)."""
+    return {key: summary[key] for key in ("study_name", "best_value", "best_trial", "baseline_value", "trials")}
+
+
+def write_json(content: dict, output: Path) -> None:
+    """Write `content` to `output` whole or not at all (a temporary file renamed into place)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     temporary = output.with_name(f".{output.name}.tmp")
     temporary.write_text(json.dumps(content, indent=2))
     os.replace(temporary, output)
-    return content
+
+
+def write_results(study, params: Params) -> dict:
+    """The best params (`tune.output`) and the study's summary (`tune.summary`); returns the summary."""
+    summary = study_summary(study, params.tune.base_preset)
+    write_json(summary_metrics(summary), Path(params.tune.summary))
+    write_json(best_params_record(summary, best_overrides(study, params.tune.space)), Path(params.tune.output))
+    return summary
 
 
 def log_study_figures(study, directory: Path) -> list[Path]:
@@ -525,8 +546,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         log.info("study %s already has %d finished trials (tune.n_trials=%d); nothing to run",
                  study.study_name, finished_trials(study), params.tune.n_trials)
-    content = write_best_params(study, params, Path(params.tune.output))
-    log.info("%s; wrote %s", describe(content), params.tune.output)
+    summary = write_results(study, params)
+    log.info("%s; wrote %s and %s", describe(summary), params.tune.output, params.tune.summary)
 
 
 def worker_main(argv: list[str] | None = None) -> None:

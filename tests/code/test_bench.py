@@ -62,6 +62,7 @@ def test_workers_arm_keeps_its_best_params_out_of_the_project(tmp_path):
                      work_dir=tmp_path)
     tune = parse_params(raw).tune
     assert Path(tune.output).parent == tmp_path  # not models/best_params.json, which train reads
+    assert Path(tune.summary).parent == tmp_path  # nor the project's metrics/tune.json
     assert (tune.storage, tune.study_name, tune.n_trials, tune.workers) == ("postgresql+psycopg://h/db", "bench-x", 4, 2)
 
 

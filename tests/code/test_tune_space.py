@@ -1,3 +1,5 @@
+import json
+
 import optuna
 import pytest
 
@@ -64,3 +66,42 @@ def test_pruning_never_throws_away_a_trial_that_trained_all_its_epochs():
     callback = pruning_callback(full, "val_accuracy", epochs=3)
     callback.on_epoch_end(2, {"val_accuracy": 0.9})  # the last epoch: reported, not pruned
     assert study.get_trials()[full.number].intermediate_values == {2: 0.9}
+
+
+def test_more_trials_without_a_better_one_leave_the_best_params_file_unchanged(tmp_path):
+    """`train` depends on best_params.json: trial counts go to the summary only, so a study that grows
+    without finding a better trial does not make `dvc repro` retrain."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from pipeline.tune import write_results
+
+    params = parse_params({"train": {"preset": "reference"}, "tune": {
+        "base_preset": "reference", "output": str(tmp_path / "best_params.json"), "summary": str(tmp_path / "tune.json"),
+        "space": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                  "conv_filters": {"choices": [[16, 32], [32, 64]]}}}})
+    distributions = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
+                     "conv_filters": CategoricalDistribution(["16-32", "32-64"])}
+    study = optuna.create_study(study_name="s", direction="maximize")
+
+    def add(state, value=None, rate=0.001, filters="32-64"):
+        study.add_trial(optuna.trial.create_trial(state=state, value=value, distributions=distributions,
+                                                  params={"learning_rate": rate, "conv_filters": filters}))
+
+    add(optuna.trial.TrialState.COMPLETE, 0.95)
+    summary = write_results(study, params)
+    best_params = (tmp_path / "best_params.json").read_text()
+    assert json.loads(best_params) == {"study_name": "s", "base_preset": "reference", "best_trial": 0,
+                                       "params": {"learning_rate": 0.001, "conv_filters": [32, 64]}}
+    assert json.loads((tmp_path / "tune.json").read_text()) == {
+        "study_name": "s", "best_value": 0.95, "best_trial": 0, "baseline_value": None, "trials": {"COMPLETE": 1}}
+
+    add(optuna.trial.TrialState.COMPLETE, 0.90, rate=0.005, filters="16-32")
+    add(optuna.trial.TrialState.PRUNED, rate=0.009)
+    summary = write_results(study, params)
+    assert (tmp_path / "best_params.json").read_text() == best_params
+    assert summary["trials"] == {"COMPLETE": 2, "PRUNED": 1} and summary["best_value"] == 0.95
+
+    add(optuna.trial.TrialState.COMPLETE, 0.97, rate=0.002, filters="16-32")
+    write_results(study, params)
+    assert json.loads((tmp_path / "best_params.json").read_text())["params"] == {"learning_rate": 0.002,
+                                                                                  "conv_filters": [16, 32]}

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import optuna
 import pytest
@@ -88,8 +87,8 @@ def test_resume_fails_the_killed_trial_and_reaches_the_budget(resumed_project):
     study = optuna.load_study(study_name=current_study_name(project), storage=f"sqlite:///{project / 'studies' / 'optuna.db'}")
     retried = [t for t in study.trials if t.system_attrs.get("failed_trial") == 1]
     assert len(retried) == 1 and retried[0].params == study.trials[1].params  # the killed trial retried
-    best = json.loads((project / "models" / "best_params.json").read_text())
-    assert best["trials"]["FAIL"] == 1
+    summary = json.loads((project / "metrics" / "tune.json").read_text())
+    assert summary["trials"]["FAIL"] == 1
 
 
 def test_killed_trial_run_is_closed_in_mlflow(resumed_project):
@@ -115,12 +114,12 @@ def test_rerun_with_full_study_adds_no_trials_and_more_adds(resumed_project):
 
 
 def test_optuna_dashboard_reads_the_study(resumed_project):
+    """`python -m pipeline dashboard` serves optuna-dashboard on the study storage of params.yaml."""
     project, _, _ = resumed_project
     port = free_port()
-    dashboard = subprocess.Popen(
-        [str(Path(sys.executable).parent / "optuna-dashboard"), f"sqlite:///{project / 'studies' / 'optuna.db'}",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    dashboard = subprocess.Popen([sys.executable, "-m", "pipeline", "dashboard", "--port", str(port)],
+                                 cwd=project, env=project_env(project), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
     try:
         studies = None
         for _ in range(120):

@@ -168,3 +168,13 @@ def test_dvc_repro_with_bad_param_exits_non_zero(project):
         (project / "params.yaml").write_text(original)
     assert result.returncode != 0
     assert "evaluate.batch_size: Input should be greater than 0" in result.stdout + result.stderr
+
+
+def test_dashboard_without_a_study_database_names_the_command_to_run(project):
+    original = with_params(project, lambda p: p["tune"].update(storage="sqlite:///no-study-here/optuna.db"))
+    try:
+        line = one_error_line(run([sys.executable, "-m", "pipeline", "dashboard"], project, check=False))
+    finally:
+        (project / "params.yaml").write_text(original)
+    assert f"{project / 'no-study-here' / 'optuna.db'}" in line and "dvc repro -f tune" in line
+    assert not (project / "no-study-here").exists()  # the dashboard created no empty database

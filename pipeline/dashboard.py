@@ -1,0 +1,85 @@
+"""optuna-dashboard on the study storage that params.yaml names.
+
+    python -m pipeline dashboard [--params params.yaml] [--host 127.0.0.1] [--port 8080]
+
+Resolves `tune.storage` as the tune stage does (a relative SQLite path lives in the repository
+root) and refuses, in one line, a SQLite file that does not exist yet: a
+fresh clone's `dvc repro` trains from the committed `models/best_params.json` without running the
+study, and optuna-dashboard would otherwise create an empty database or fail with a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.paths import project_root
+
+log = logging.getLogger("pipeline.dashboard")
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_path(url: str, root: Path) -> Path | None:
+    """The database file of a SQLite storage URL (relative paths under `root`); None for other databases."""
+    if not url.startswith(SQLITE_PREFIX):
+        return None
+    path = Path(url.removeprefix(SQLITE_PREFIX))
+    return path if path.is_absolute() else root / path
+
+
+def storage_for_dashboard(url: str, root: Path) -> str:
+    """The storage URL to open, with a relative SQLite path made absolute; a missing file is an error."""
+    path = sqlite_path(url, root)
+    if path is None:
+        return url
+    if not path.is_file():
+        raise PipelineError(f"no Optuna study database at {path} yet; run `dvc repro -f tune` (or "
+                            "`python -m pipeline tune`) to run the study on this machine")
+    return f"{SQLITE_PREFIX}{path}"
+
+
+def study_names(storage: str) -> list[str]:
+    import optuna
+
+    return [summary.study_name for summary in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pipeline dashboard", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8080, help="port (default: 8080)")
+    return parser.parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.runtime import setup_logging
+    from pipeline.tune import study_name
+
+    args = parse_args(argv)
+    setup_logging()
+    params = load_params(args.params)
+    storage = storage_for_dashboard(params.tune.storage, project_root())
+    current = study_name(params)
+    try:
+        names = study_names(storage)
+    except Exception as error:
+        raise PipelineError(f"cannot read Optuna storage {params.tune.storage} ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:160]}); start the database or fix tune.storage") from None
+    if current not in names:
+        log.warning("study %s (the current params) is not in this storage yet; %d other studies are", current,
+                    len(names))
+    log.info("optuna-dashboard on %s, current study %s: http://%s:%d", storage, current, args.host, args.port)
+
+    from optuna_dashboard import run_server
+
+    run_server(storage, host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()
