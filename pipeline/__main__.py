@@ -43,6 +43,7 @@ def info_lines(params_path: str = "params.yaml") -> list[str]:
         f"study_storage: {resolve_storage_url(params.tune.storage)}",
         f"study_name: {study_name(params)}",
         f"best_params: {root / params.tune.output}",
+        f"study_summary: {root / params.tune.summary}",
     ]
 
 

@@ -109,7 +109,7 @@ def test_info_prints_absolute_locations(tiny_project):
     assert info["tracking_uri"] == f"sqlite:///{tiny_project / 'mlruns' / 'mlflow.db'}"
     assert info["registered_model"] == "mnist-cnn"
     assert info["study_storage"] == f"sqlite:///{tiny_project / 'studies' / 'optuna.db'}"
-    assert all(os.path.isabs(info[k]) for k in ("raw_data", "model", "metrics"))
+    assert all(os.path.isabs(info[k]) for k in ("raw_data", "model", "metrics", "best_params", "study_summary"))
 
 
 def test_tracking_uri_env_overrides_the_store(tiny_project, tmp_path):
