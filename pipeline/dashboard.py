@@ -12,34 +12,22 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.paths import project_root
+from pipeline.runtime import setup_logging
+from pipeline.tune import resolve_storage_url, sqlite_file, study_name
 
 log = logging.getLogger("pipeline.dashboard")
 
-SQLITE_PREFIX = "sqlite:///"
 
-
-def sqlite_path(url: str, root: Path) -> Path | None:
-    """The database file of a SQLite storage URL (relative paths under `root`); None for other databases."""
-    if not url.startswith(SQLITE_PREFIX):
-        return None
-    path = Path(url.removeprefix(SQLITE_PREFIX))
-    return path if path.is_absolute() else root / path
-
-
-def storage_for_dashboard(url: str, root: Path) -> str:
+def storage_for_dashboard(url: str) -> str:
     """The storage URL to open, with a relative SQLite path made absolute; a missing file is an error."""
-    path = sqlite_path(url, root)
-    if path is None:
-        return url
-    if not path.is_file():
+    path = sqlite_file(url)
+    if path is not None and not path.is_file():
         raise PipelineError(f"no Optuna study database at {path} yet; run `dvc repro -f tune` (or "
                             "`python -m pipeline tune`) to run the study on this machine")
-    return f"{SQLITE_PREFIX}{path}"
+    return resolve_storage_url(url)
 
 
 def study_names(storage: str) -> list[str]:
@@ -58,13 +46,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.runtime import setup_logging
-    from pipeline.tune import study_name
-
     args = parse_args(argv)
     setup_logging()
     params = load_params(args.params)
-    storage = storage_for_dashboard(params.tune.storage, project_root())
+    storage = storage_for_dashboard(params.tune.storage)
     current = study_name(params)
     try:
         names = study_names(storage)

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from pipeline.config import Choice, FloatRange, IntRange, Params, Recipe, TuneParams, load_params, params_hash
 from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.paths import project_root
+from pipeline.paths import resolve_in_project
 from pipeline.runtime import setup_logging, setup_tensorflow
 
 log = logging.getLogger("pipeline.tune")
@@ -90,14 +90,21 @@ def baseline_params(base: Recipe, space: dict) -> dict:
 
 # ---- optuna building blocks -----------------------------------------------------------------
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite storage URL, a relative path resolved in the user's repository
+    (also under `dvc exp run --temp`); None for other databases."""
+    if not url.startswith(SQLITE_PREFIX):
+        return None
+    return resolve_in_project(url.removeprefix(SQLITE_PREFIX))
+
+
 def resolve_storage_url(url: str) -> str:
-    """Relative SQLite paths resolve in the user's repository (also under `dvc exp run --temp`)."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
-        path = project_root() / url.removeprefix(prefix)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return f"{prefix}{path}"
-    return url
+    """The storage URL with a relative SQLite path made absolute; other URLs as given."""
+    path = sqlite_file(url)
+    return url if path is None else f"{SQLITE_PREFIX}{path}"
 
 
 def study_name(params: Params) -> str:
@@ -122,6 +129,9 @@ def make_storage(tune: TuneParams):
 
     url = tune.storage
     resolved = resolve_storage_url(url)
+    database = sqlite_file(url)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     try:
         return RDBStorage(
             resolved,
