@@ -8,11 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.config import load_params
-from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.runtime import setup_logging
-
 from bench.report import write_results
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.runtime import setup_logging
 
 log = logging.getLogger("bench")
 
@@ -85,11 +84,10 @@ def bench_train(args: argparse.Namespace, params) -> tuple[dict, str]:
                      args.inference_seconds)
     record = run_train_benchmark(params, jobs)
     if args.serve:
-        from pipeline.preprocess import load_splits
-
         from bench.serving import measure_serving
+        from pipeline.core.data import load_split
 
-        image = load_splits(params.preprocess.output_dir, ("test",))["test"].x[0]
+        image = load_split(params.paths.test_split).x[0]
         record["serve"] = measure_serving(params.tracking.registered_model, image, args.serve_requests)
     return record, train_markdown(record)
 
@@ -121,8 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging()
     params = load_params(args.params)
-    if not Path(params.preprocess.output_dir).is_dir():
-        raise PipelineError(f"{params.preprocess.output_dir} is missing; run `dvc repro preprocess` first "
+    if not Path(params.paths.train_split).is_file():
+        raise PipelineError(f"{params.paths.train_split} is missing; run `dvc repro preprocess` first "
                             "(from the repository root)")
     record, markdown = BENCHMARKS[args.command](args, params)
     record = {"command": shlex.join(["python", "-m", "bench", *argv]), **record}

@@ -39,7 +39,7 @@ def load_average_1m() -> float | None:
 
 def machine_info(versions: dict[str, str] | None = None) -> dict:
     """CPU, cores, load, Python and library versions, and the date (UTC)."""
-    from pipeline.tracking import git_commit
+    from pipeline.core.tracking import git_commit
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

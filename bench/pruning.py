@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 
 log = logging.getLogger("bench.pruning")
 
@@ -92,7 +92,8 @@ def warm_up(params: Params, data: dict) -> None:
     """One short fit so TensorFlow's one-time start-up costs land on neither measured run."""
     import keras
 
-    from pipeline.model import build_model, compile_model
+    from pipeline.core.model import build_model
+    from pipeline.core.training import compile_model
 
     recipe = params.presets[params.tune.base_preset]
     model = compile_model(build_model(recipe, seed=params.seed), recipe, steps_per_epoch=2, epochs=1)
@@ -105,7 +106,9 @@ def run_arm(params: Params, data: dict, pruner: str) -> dict:
     """One full study in memory with `pruner`; returns its summary."""
     import optuna
 
-    from pipeline.tune import Objective, baseline_params, make_pruner, make_sampler
+    from pipeline.tuning.objective import Objective
+    from pipeline.tuning.space import baseline_params
+    from pipeline.tuning.study import make_pruner, make_sampler
 
     tune = params.tune
     study = optuna.create_study(study_name=f"bench-{pruner}", storage=optuna.storages.InMemoryStorage(),
@@ -130,10 +133,10 @@ def run_pruning_benchmark(params: Params) -> dict:
     """The study with params' pruner, then without one; returns the results record."""
     import optuna
 
-    from pipeline.runtime import setup_tensorflow
-    from pipeline.tune import tuning_data, validate_space
-
     from bench.machine import framework_versions, load_average_1m, machine_info
+    from pipeline.core.runtime import setup_tensorflow
+    from pipeline.tuning.objective import tuning_data
+    from pipeline.tuning.space import validate_space
 
     tune = params.tune
     validate_space(params.presets[tune.base_preset], tune.space)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger("bench.serve")
 
@@ -33,7 +33,7 @@ def champion_version(model_name: str) -> str | None:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import configure_tracking, registry_uri
+    from pipeline.core.tracking import configure_tracking, registry_uri
 
     configure_tracking()
     try:
@@ -86,7 +86,7 @@ def measure_serving(model_name: str, image: np.ndarray, requests_timed: int = 20
     latencies, or {"skipped": why} when no champion is registered."""
     import requests
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.core.tracking import tracking_uri
 
     version = champion_version(model_name)
     uri = f"models:/{model_name}@{CHAMPION}"

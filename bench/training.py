@@ -18,8 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from pipeline.config import Params, Recipe, RuntimeParams
-from pipeline.errors import PipelineError
+from pipeline.core.config import Params, Recipe, RuntimeParams
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger("bench.train")
 
@@ -41,7 +41,8 @@ class TrainJob:
     dtype_policy: str  # "float32" or "mixed_bfloat16"
     runtime: RuntimeParams
     seed: int
-    data_dir: str
+    train_split: str
+    test_split: str
     train_limit: int
     test_limit: int
     batch_sizes: tuple[int, ...] = BATCH_SIZES
@@ -122,22 +123,21 @@ def run_job(job: TrainJob) -> dict:
 
     Runs in a fresh process and sets up logging, threads and seeds exactly as the pipeline does.
     """
-    from pipeline.preprocess import load_splits, stratified_take
-    from pipeline.runtime import setup_logging, setup_tensorflow
-    from pipeline.train import as_model_input
-
     from bench.machine import framework_versions, peak_rss_mib
+    from pipeline.core.data import load_split, stratified_take
+    from pipeline.core.model import as_model_input
+    from pipeline.core.runtime import setup_logging, setup_tensorflow
 
     setup_logging()
     setup_tensorflow(job.runtime, job.seed)
     import keras
     import tensorflow as tf
 
-    from pipeline.model import inference_model, prepare_training
+    from pipeline.core.model import inference_model
+    from pipeline.core.training import prepare_training
 
-    splits = load_splits(job.data_dir, ("train", "test"))
-    train = stratified_take(splits["train"], job.train_limit, job.seed)
-    test = stratified_take(splits["test"], job.test_limit, job.seed)
+    train = stratified_take(load_split(job.train_split), job.train_limit, job.seed)
+    test = stratified_take(load_split(job.test_split), job.test_limit, job.seed)
     x_train, x_test = as_model_input(train.x), as_model_input(test.x)
     rss_after_setup = peak_rss_mib()  # TensorFlow loaded, data in memory, no model yet
 
@@ -211,7 +211,7 @@ def default_recipe(params: Params, tuned_file: Path) -> tuple[Recipe, bool]:
 def default_dtype_policy(params: Params) -> str:
     """The dtype policy `dvc repro train` trains with (`runtime.precision`; "auto" picks bf16 on CPUs
     with native bf16)."""
-    from pipeline.runtime import dtype_policy
+    from pipeline.core.runtime import dtype_policy
 
     return dtype_policy(params.runtime)
 
@@ -220,8 +220,9 @@ def make_jobs(params: Params, epochs_reference: int, epochs_default: int | None,
               test_limit: int, inference_seconds: float) -> list[TrainJob]:
     if REFERENCE not in params.presets:
         raise PipelineError(f"params.yaml has no `presets.{REFERENCE}`; the benchmark compares against it")
-    recipe, tuned = default_recipe(params, Path(params.tune.output))
-    common = dict(runtime=params.runtime, seed=params.seed, data_dir=params.preprocess.output_dir,
+    recipe, tuned = default_recipe(params, Path(params.paths.best_params))
+    common = dict(runtime=params.runtime, seed=params.seed, train_split=params.paths.train_split,
+                  test_split=params.paths.test_split,
                   train_limit=train_limit, test_limit=test_limit, inference_seconds=inference_seconds)
     return [
         TrainJob(role="reference", preset=REFERENCE, tuned=False, recipe=params.presets[REFERENCE],

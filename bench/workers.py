@@ -23,11 +23,13 @@ log = logging.getLogger("bench.workers")
 
 def arm_params(params_path: Path, storage: str, study: str, trials: int, workers: int, work_dir: Path) -> dict:
     """The project's params for one arm: its own study, and its best params and summary written into
-    `work_dir`, never over the project's `tune.output` (which `dvc repro train` reads) or `tune.summary`."""
+    `work_dir`, never over the project's `paths.best_params` (which `dvc repro train` reads) or
+    `paths.tune_summary`."""
     params = yaml.safe_load(params_path.read_text())
     params["tune"].update(storage=storage, study_name=study, n_trials=trials, pruner="none", workers=workers,
-                          enqueue_preset=True, output=str(work_dir / f"best_params-{workers}.json"),
-                          summary=str(work_dir / f"tune-{workers}.json"))
+                          enqueue_preset=True)
+    params["paths"].update(best_params=str(work_dir / f"best_params-{workers}.json"),
+                           tune_summary=str(work_dir / f"tune-{workers}.json"))
     return params
 
 
@@ -43,8 +45,8 @@ def trials_per_hour(study) -> tuple[float, int, float]:
 def run_arm(params_path: Path, storage: str, trials: int, workers: int, work_dir: Path) -> dict:
     import optuna
 
-    from pipeline.config import parse_params
-    from pipeline.tune import study_name
+    from pipeline.core.config import parse_params
+    from pipeline.tuning.study import study_name
 
     name = f"bench-workers-{workers}-{uuid.uuid4().hex[:6]}"
     raw = arm_params(params_path, storage, name, trials, workers, work_dir)
@@ -70,7 +72,9 @@ def run_arm(params_path: Path, storage: str, trials: int, workers: int, work_dir
 def run_workers_benchmark(params_path: Path, storage: str, trials: int) -> dict:
     from bench.machine import machine_info
 
-    with tempfile.TemporaryDirectory(prefix="bench-workers-") as tmp:
+    scratch = Path("bench/out")  # inside the project: the stage writes its outputs only there
+    scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="workers-", dir=scratch) as tmp:
         arms = [run_arm(params_path, storage, trials, workers, Path(tmp)) for workers in (1, 2)]
     return {"machine": machine_info(), "storage": storage.split("@")[-1], "trials": trials, "arms": arms,
             "speedup_2_vs_1": round(arms[1]["trials_per_hour"] / arms[0]["trials_per_hour"], 2)}

@@ -1,4 +1,4 @@
-"""Stage 1: get MNIST into `data/raw/mnist.npz` (Keras layout), verified, from the first source that works.
+"""Stage 1: get MNIST into `paths.raw` (Keras layout), verified, from the first source that works.
 
 Sources, in the order `fetch.sources` gives:
 - local: a file the user names, an `mnist.npz` or a folder with the four original IDX `.gz` files;
@@ -27,10 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FetchParams, load_params
-from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.paths import resolve_in_project
-from pipeline.runtime import setup_logging
+from pipeline.core.config import FetchParams, load_stage_params
+from pipeline.core.data import ARRAY_KEYS, Arrays, read_npz
+from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.paths import resolve_in_project, staged_outputs
+from pipeline.core.runtime import setup_logging
 
 log = logging.getLogger("pipeline.fetch")
 
@@ -46,10 +47,7 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte.gz",
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
-ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 EXPECTED_SHAPES = {"x_train": (60000, 28, 28), "y_train": (60000,), "x_test": (10000, 28, 28), "y_test": (10000,)}
-
-Arrays = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -100,14 +98,6 @@ def verify_content(arrays: Arrays, origin: str, expected: str = MNIST_ARRAYS_SHA
     if actual != expected:
         raise ValueError(f"{origin}: array content hash {actual[:16]}... is not MNIST's {expected[:16]}...")
     return arrays
-
-
-def read_npz(path: Path) -> Arrays:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise ValueError(f"{path} is not a readable .npz ({type(error).__name__}: {error})") from None
 
 
 def parse_idx(data: bytes) -> np.ndarray:
@@ -268,28 +258,19 @@ def fetch_first(params: FetchParams, sources: dict[str, Callable[[FetchParams], 
     )
 
 
-def write_npz_atomically(arrays: Arrays, output: Path) -> None:
-    """Write next to the target and rename, so a crash never leaves a half-written file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            np.savez_compressed(stream, **arrays)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+PARAMS = ("fetch",)  # the params sections this stage reads (its dvc.yaml entry lists the same)
 
 
 @exit_on_user_error
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    params = load_params().fetch
-    source, arrays = fetch_first(params)
-    write_npz_atomically(arrays, Path(params.output))
-    log.info("wrote %s from source %s (content sha256 %s)", params.output, source, MNIST_ARRAYS_SHA256[:16])
+    params = load_stage_params("fetch", PARAMS)
+    source, arrays = fetch_first(params.fetch)
+    with staged_outputs() as staging:
+        np.savez_compressed(staging.path(params.paths.raw), **arrays)
+    log.info("wrote %s from source %s (content sha256 %s)", params.paths.raw, source, MNIST_ARRAYS_SHA256[:16])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

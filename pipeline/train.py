@@ -1,7 +1,7 @@
 """Stage 4 (after tune): fit the CNN on the training split, track it in MLflow, save the model.
 
-Writes `models/model.keras`, `models/train_run.json` (the MLflow run and model URIs that
-`evaluate` continues) and `metrics/train_history.csv` (per-epoch curves for `dvc plots`).
+Writes the model (`paths.model`), the MLflow run and model URIs that `evaluate` continues
+(`paths.train_run`) and the per-epoch curves for `dvc plots` (`paths.history`).
 """
 
 from __future__ import annotations
@@ -13,24 +13,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from pipeline.config import Params, Recipe, TrainParams, load_params, params_hash
-from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.paths import publish
-from pipeline.runtime import setup_logging, setup_tensorflow
+from pipeline.core.config import Params, Recipe, load_stage_params, params_hash
+from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.paths import staged_outputs
+from pipeline.core.runtime import setup_logging, setup_tensorflow
 
 log = logging.getLogger("pipeline.train")
 
-MODEL_FILE = "model.keras"
-RUN_FILE = "train_run.json"
-HISTORY_FILE = "train_history.csv"
-HISTORY_COLUMNS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
-
-
-def as_model_input(x: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) pixels to the float32 (N, 28, 28, 1) raw 0-255 tensor every model takes."""
-    return x.astype(np.float32).reshape(-1, 28, 28, 1)
+# the params sections this stage reads (its dvc.yaml entry lists the same)
+PARAMS = ("seed", "runtime", "train", "presets", "tracking")
 
 
 def read_best_params(path: Path) -> dict:
@@ -65,58 +56,9 @@ def resolve_recipe(params: Params, best_params: dict | None) -> Recipe:
         raise PipelineError(f"tuned params do not fit preset {base!r} ({error}); re-run `dvc repro -f tune`") from None
 
 
-def make_epoch_recorder(history: list[dict[str, float]], on_epoch=None):
-    """A Keras callback appending {epoch, loss, accuracy, val_*, learning_rate} per epoch."""
-    import keras
-
-    from pipeline.model import current_learning_rate
-
-    class EpochRecorder(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            row = {"epoch": epoch + 1, **{k: float(v) for k, v in (logs or {}).items()}}
-            row["learning_rate"] = current_learning_rate(self.model.optimizer)
-            history.append(row)
-            if on_epoch:
-                on_epoch(row)
-
-    return EpochRecorder()
-
-
-def fit(recipe: Recipe, train: TrainParams, x_train, y_train, x_val, y_val, seed: int, on_epoch=None):
-    """Build, compile and fit; returns (the model to save, per-epoch history rows). Early stopping on
-    val_accuracy."""
-    import keras
-
-    from pipeline.model import inference_model, prepare_training
-
-    model, leading_callbacks = prepare_training(recipe, seed, len(x_train), train.epochs)
-    history: list[dict[str, float]] = []
-    callbacks = [
-        *leading_callbacks,
-        make_epoch_recorder(history, on_epoch),
-        keras.callbacks.EarlyStopping(
-            monitor="val_accuracy", patience=train.patience, restore_best_weights=True, verbose=1
-        ),
-    ]
-    model.fit(
-        x_train, y_train, validation_data=(x_val, y_val), epochs=train.epochs,
-        batch_size=recipe.batch_size, shuffle=True, callbacks=callbacks, verbose=2,
-    )
-    return inference_model(model, recipe), history
-
-
-def model_signature():
-    """float32 (-1, 28, 28, 1) raw 0-255 pixels in, 10 probabilities out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28, 1), "pixels")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10), "probabilities")]),
-    )
-
-
 def write_history_csv(history: list[dict[str, float]], path: Path) -> None:
+    from pipeline.core.training import HISTORY_COLUMNS
+
     with path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
         writer.writeheader()
@@ -124,66 +66,62 @@ def write_history_csv(history: list[dict[str, float]], path: Path) -> None:
 
 
 @exit_on_user_error
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    params = load_params()
+    params = load_stage_params("train", PARAMS)
     setup_tensorflow(params.runtime, params.seed)
 
     import mlflow
+    import mlflow.keras
 
-    from pipeline import tracking
-    from pipeline.plots import save, training_curves
-    from pipeline.preprocess import load_splits
+    from pipeline.core import tracking
+    from pipeline.core.data import load_split
+    from pipeline.core.model import as_model_input, model_signature
+    from pipeline.core.plots import save, training_curves
+    from pipeline.core.training import fit
 
-    best = read_best_params(Path(params.tune.output)) if params.train.use_tuned else None
+    paths = params.paths
+    best = read_best_params(Path(paths.best_params)) if params.train.use_tuned else None
     recipe = resolve_recipe(params, best)
-    splits = load_splits(params.preprocess.output_dir, ("train", "val"))
+    train, val = load_split(paths.train_split), load_split(paths.val_split)
     tracking.ensure_experiment(params.tracking.experiment)  # fails fast if the store is down
 
-    output_dir = Path(params.train.output_dir)
-    history_path = Path(params.evaluate.output_dir) / HISTORY_FILE
-    with tempfile.TemporaryDirectory(prefix=".train.", dir=".") as tmp:  # same filesystem as the outputs
-        staging = Path(tmp)
-        run_name = f"train {params.train.preset} {time.strftime('%Y-%m-%d %H:%M:%S')}"  # seeded RNG would repeat MLflow's random names
-        with mlflow.start_run(run_name=run_name, tags=tracking.run_tags("train", params_hash(params))) as run:
-            mlflow.log_params({"seed": params.seed, "preset": params.train.preset, "tuned": best is not None,
-                               **tracking.flatten("recipe", recipe.model_dump()),
-                               **tracking.flatten("train", params.train.model_dump()),
-                               "train_images": len(splits["train"]), "val_images": len(splits["val"])})
-            log.info("training preset %s for up to %d epochs on %d images: %s", params.train.preset,
-                     params.train.epochs, len(splits["train"]), recipe.model_dump())
-            started = time.perf_counter()
-            model, history = fit(
-                recipe, params.train,
-                as_model_input(splits["train"].x), splits["train"].y,
-                as_model_input(splits["val"].x), splits["val"].y, params.seed,
-                on_epoch=lambda row: mlflow.log_metrics(
-                    {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
-            )
-            train_seconds = time.perf_counter() - started
-            best_row = max(history, key=lambda row: row["val_accuracy"])
-            mlflow.log_metrics({"train_seconds": train_seconds, "epochs_run": len(history),
-                                "best_val_accuracy": best_row["val_accuracy"],
-                                "model_parameters": model.count_params()})
+    run_name = f"train {params.train.preset} {time.strftime('%Y-%m-%d %H:%M:%S')}"  # seeded RNG would repeat MLflow's random names
+    with staged_outputs() as staging, tempfile.TemporaryDirectory() as scratch, \
+            mlflow.start_run(run_name=run_name, tags=tracking.run_tags("train", params_hash(params))) as run:
+        mlflow.log_params({"seed": params.seed, "preset": params.train.preset, "tuned": best is not None,
+                           **tracking.flatten("recipe", recipe.model_dump()),
+                           **tracking.flatten("train", params.train.model_dump()),
+                           "train_images": len(train), "val_images": len(val)})
+        log.info("training preset %s for up to %d epochs on %d images: %s", params.train.preset,
+                 params.train.epochs, len(train), recipe.model_dump())
+        started = time.perf_counter()
+        model, history = fit(
+            recipe, params.train.epochs, params.train.patience,
+            as_model_input(train.x), train.y, as_model_input(val.x), val.y, params.seed,
+            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
+        )
+        train_seconds = time.perf_counter() - started
+        best_row = max(history, key=lambda row: row["val_accuracy"])
+        mlflow.log_metrics({"train_seconds": train_seconds, "epochs_run": len(history),
+                            "best_val_accuracy": best_row["val_accuracy"], "model_parameters": model.count_params()})
 
-            model.save(staging / MODEL_FILE)
-            write_history_csv(history, staging / HISTORY_FILE)
-            save(training_curves(history), staging / "training_curves.png")
-            mlflow.log_artifact(str(staging / "training_curves.png"), "figures")
-            mlflow.log_artifact(str(staging / HISTORY_FILE), "metrics")
-            import mlflow.keras
-
-            model_info = mlflow.keras.log_model(model, name="model", signature=model_signature())
-            record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                      "model_uri": model_info.model_uri, "run_model_uri": f"runs:/{run.info.run_id}/model",
-                      "preset": params.train.preset, "recipe": recipe.model_dump(), "epochs_run": len(history),
-                      "train_seconds": round(train_seconds, 1), "best_val_accuracy": best_row["val_accuracy"]}
-            (staging / RUN_FILE).write_text(json.dumps(record, indent=2))
-            publish(staging, {MODEL_FILE: output_dir / MODEL_FILE, RUN_FILE: output_dir / RUN_FILE,
-                              HISTORY_FILE: history_path})
+        model.save(staging.path(paths.model))
+        write_history_csv(history, staging.path(paths.history))
+        curves = Path(scratch) / "training_curves.png"
+        save(training_curves(history), curves)
+        mlflow.log_artifact(str(curves), "figures")
+        mlflow.log_artifact(str(staging.path(paths.history)), "metrics")
+        model_info = mlflow.keras.log_model(model, name="model", signature=model_signature())
+        record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                  "model_uri": model_info.model_uri, "run_model_uri": f"runs:/{run.info.run_id}/model",
+                  "preset": params.train.preset, "recipe": recipe.model_dump(), "epochs_run": len(history),
+                  "train_seconds": round(train_seconds, 1), "best_val_accuracy": best_row["val_accuracy"]}
+        staging.path(paths.train_run).write_text(json.dumps(record, indent=2))
     log.info("trained in %.0f s, best val_accuracy %.4f at epoch %d; MLflow run %s", train_seconds,
              best_row["val_accuracy"], best_row["epoch"], record["run_id"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,22 +1,21 @@
-"""A set of handwriting-like digit pictures the model never trained on, and its accuracy score.
+"""Generates the handwriting-like digit pictures the model never trains on (`tests/handwriting/`).
 
 Half the pictures are digits of handwriting-style fonts (Debian `fonts-*` packages), half are
 synthesised pen strokes; all are slanted, rotated (+-15 degrees), warped, blurred and noised,
 on paper or board of several colours, and saved as PNG, JPEG or BMP. The true label is in each
 file name (`0123_7.png`) and in `labels.csv`. The same seed and fonts give the same set.
 
-    python -m pipeline.handwriting generate [--out tests/handwriting] [--count 400] [--seed 7]
-    python -m pipeline.handwriting score [--model URI] [--folder tests/handwriting]
+    python -m tools.handwriting [--out tests/handwriting] [--count 400] [--seed 7]
+
+A tool, not part of the installed package: the `evaluate` stage scores every model on the set
+(`pipeline.serving.handwriting`) and writes the score as a DVC metric.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
-import math
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from scipy import ndimage
 
-from pipeline.errors import PipelineError, exit_on_user_error
+
+class GeneratorError(Exception):
+    """A font or setting the generator cannot use."""
+
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +236,7 @@ def draw_font(digit: int, font_path: Path, rng: np.random.Generator, height: int
     image = Image.fromarray((np.clip(ink, 0, 1) * 255).astype(np.uint8))
     box = image.getbbox()
     if box is None:
-        raise PipelineError(f"font {font_path.name} draws no '{digit}'; remove it from HANDWRITING_FONTS")
+        raise GeneratorError(f"font {font_path.name} draws no '{digit}'; remove it from HANDWRITING_FONTS")
     image = image.crop(box)
     scale = height / image.height
     image = image.resize((max(1, round(image.width * scale)), height), Image.Resampling.LANCZOS)
@@ -346,7 +348,7 @@ def generate(out_dir: Path, count: int = 400, seed: int = 7) -> list[dict[str, A
     handwriting = available_fonts(HANDWRITING_FONTS)
     printed = available_fonts(PRINT_FONTS)
     if not handwriting:
-        raise PipelineError(
+        raise GeneratorError(
             "no handwriting fonts found; apt-get install " + " ".join(sorted(set(HANDWRITING_FONTS.values())))
         )
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -379,139 +381,24 @@ def generate(out_dir: Path, count: int = 400, seed: int = 7) -> list[dict[str, A
     return rows
 
 
-# --- scoring -------------------------------------------------------------------------------
-
-
-def read_labels(folder: Path) -> list[dict[str, str]]:
-    path = folder / LABELS_FILE
-    if not path.is_file():
-        raise PipelineError(f"{path} not found; run `python -m pipeline.handwriting generate --out {folder}`")
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def accuracy_by(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
-    """Accuracy within each value of `key` (e.g. source, polarity, label)."""
-    totals, right = Counter(), Counter()
-    for row in rows:
-        totals[str(row[key])] += 1
-        right[str(row[key])] += int(row["correct"])
-    return {group: right[group] / totals[group] for group in sorted(totals)}
-
-
-def score_folder(model: Any, folder: str | Path = DEFAULT_FOLDER) -> dict[str, Any]:
-    """Accuracy of a model on the pictures of `folder`, overall and per source/polarity/label.
-
-    An unreadable picture counts as wrong. Returns {accuracy, count, by_source, by_polarity,
-    by_label, wrong: [{file, label, predicted, confidence}]}.
-    """
-    from pipeline.predict import predict_files
-
-    folder = Path(folder)
-    labels = read_labels(folder)
-    results = predict_files(model, [folder / row["file"] for row in labels])
-    rows = []
-    for row, result in zip(labels, results):
-        predicted = result.get("label", -1)
-        rows.append({**row, "predicted": predicted, "confidence": result.get("confidence", 0.0),
-                     "correct": predicted == int(row["label"])})
-    correct = sum(row["correct"] for row in rows)
-    return {
-        "accuracy": correct / len(rows) if rows else 0.0,
-        "count": len(rows),
-        "by_source": accuracy_by(rows, "source"),
-        "by_polarity": accuracy_by(rows, "polarity"),
-        "by_label": accuracy_by(rows, "label"),
-        "wrong": [
-            {key: row[key] for key in ("file", "label", "predicted", "confidence", "source")}
-            for row in rows if not row["correct"]
-        ],
-    }
-
-
-def prediction_sheet(model: Any, folder: str | Path = DEFAULT_FOLDER, count: int = 24, columns: int = 8):
-    """A figure of sample pictures (every len/count-th file) with the label each was predicted as."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from pipeline.predict import predict_files
-
-    folder = Path(folder)
-    labels = read_labels(folder)
-    step = max(1, len(labels) // count)
-    while math.gcd(step, 10) != 1:  # the files cycle through the digits: a step sharing a factor skips some
-        step += 1
-    picked = labels[::step][:count]
-    results = predict_files(model, [folder / row["file"] for row in picked])
-    rows = -(-len(picked) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.75), squeeze=False)
-    for axis in axes.flat:
-        axis.axis("off")
-    for axis, row, result in zip(axes.flat, picked, results):
-        with Image.open(folder / row["file"]) as image:
-            axis.imshow(image.convert("RGB"))
-        right = result.get("label") == int(row["label"])
-        caption = f"→ {result['label']} ({result['confidence']:.2f})" if "label" in result else "unreadable"
-        axis.set_title(caption, fontsize=9, color="black" if right else "red")
-    figure.suptitle("Predictions on pictures the model never trained on (red: wrong)")
-    figure.tight_layout()
-    return figure
-
-
 # --- command line --------------------------------------------------------------------------
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.handwriting", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("generate", help="write the picture set and labels.csv")
-    make.add_argument("--out", default=DEFAULT_FOLDER, help=f"folder (default: {DEFAULT_FOLDER})")
-    make.add_argument("--count", type=int, default=400, help="number of pictures (default: 400)")
-    make.add_argument("--seed", type=int, default=7, help="seed (default: 7)")
-    score = commands.add_parser("score", help="accuracy of a model on the set")
-    score.add_argument("--model", default=None, help="models:/ or runs:/ URI or .keras file (default: the champion)")
-    score.add_argument("--folder", default=DEFAULT_FOLDER, help=f"folder (default: {DEFAULT_FOLDER})")
-    score.add_argument("--json", action="store_true", help="print the full score as JSON")
-    sheet = commands.add_parser("sheet", help="a PNG of sample pictures and their predictions")
-    sheet.add_argument("--model", default=None, help="models:/ or runs:/ URI or .keras file (default: the champion)")
-    sheet.add_argument("--folder", default=DEFAULT_FOLDER, help=f"folder (default: {DEFAULT_FOLDER})")
-    sheet.add_argument("--out", default="docs/handwriting_predictions.png", help="PNG to write")
+    parser = argparse.ArgumentParser(prog="python -m tools.handwriting", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=DEFAULT_FOLDER, help=f"folder (default: {DEFAULT_FOLDER})")
+    parser.add_argument("--count", type=int, default=400, help="number of pictures (default: 400)")
+    parser.add_argument("--seed", type=int, default=7, help="seed (default: 7)")
     return parser.parse_args(argv)
 
 
-@exit_on_user_error
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "generate":
-        rows = generate(Path(args.out), args.count, args.seed)
-        print(f"wrote {len(rows)} pictures and {LABELS_FILE} to {args.out}")
-        return 0
-    from pipeline.predict import load_model
-    from pipeline.registry import champion_uri
-
-    model = load_model(args.model or champion_uri())
-    if args.command == "sheet":
-        figure = prediction_sheet(model, args.folder)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(args.out, dpi=100)
-        print(f"wrote {args.out}")
-        return 0
-    score = score_folder(model, args.folder)
-    if args.json:
-        print(json.dumps(score, indent=2))
-    else:
-        print(f"accuracy {score['accuracy']:.4f} on {score['count']} pictures in {args.folder}")
-        for key in ("by_source", "by_polarity", "by_label"):
-            print(f"  {key}: " + ", ".join(f"{group} {value:.3f}" for group, value in score[key].items()))
+    rows = generate(Path(args.out), args.count, args.seed)
+    print(f"wrote {len(rows)} pictures and {LABELS_FILE} to {args.out}")
     return 0
 
 
-def main() -> None:
-    raise SystemExit(cli())
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,10 +12,10 @@ import os
 import subprocess
 from pathlib import Path
 
-from pipeline.errors import PipelineError
-from pipeline.paths import project_root
+from pipeline.core.errors import PipelineError
+from pipeline.core.paths import project_root
 
-log = logging.getLogger("pipeline.tracking")
+log = logging.getLogger("pipeline.core.tracking")
 
 STORE_DIR = "mlruns"
 RUN_KIND_TAG = "mnist.run_kind"  # train | tune-study | tune-trial: filter in the MLflow UI

@@ -3,9 +3,9 @@
     python -m pipeline dashboard [--params params.yaml] [--host 127.0.0.1] [--port 8080]
 
 Resolves `tune.storage` as the tune stage does (a relative SQLite path lives in the repository
-root) and refuses, in one line, a SQLite file that does not exist yet: a
-fresh clone's `dvc repro` trains from the committed `models/best_params.json` without running the
-study, and optuna-dashboard would otherwise create an empty database or fail with a traceback.
+root) and refuses, in one line, a SQLite file that does not exist yet (no `dvc repro` has run the
+study on this machine), where optuna-dashboard would otherwise create an empty database or fail
+with a traceback.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.config import load_params
-from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.runtime import setup_logging
-from pipeline.tune import resolve_storage_url, sqlite_file, study_name
+from pipeline.core.config import load_params
+from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.runtime import setup_logging
+from pipeline.tuning.study import resolve_storage_url, sqlite_file, study_name
 
-log = logging.getLogger("pipeline.dashboard")
+log = logging.getLogger("pipeline.tuning.dashboard")
 
 
 def storage_for_dashboard(url: str) -> str:
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @exit_on_user_error
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     params = load_params(args.params)
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     from optuna_dashboard import run_server
 
     run_server(storage, host=args.host, port=args.port)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -11,24 +11,25 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
-from pipeline.errors import PipelineError
-from pipeline.paths import project_root
+from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.paths import project_root
 
-log = logging.getLogger("pipeline.registry")
+log = logging.getLogger("pipeline.core.registry")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+DEFAULT_MODEL_NAME = "mnist-cnn"  # what serving assumes outside a project (params.yaml names it inside)
 CHAMPION_HISTORY_TAG = "champion_history"  # on the model: versions that held champion, oldest first
 
 
 def champion_uri(params_file: str = "params.yaml") -> str:
     """The champion of the project's registered model (`tracking.registered_model` in params.yaml;
-    the built-in name where the project has no params.yaml)."""
-    from pipeline.config import TrackingParams, load_params
-    from pipeline.paths import resolve_in_project
+    the model's usual name where no params.yaml is at hand, e.g. serving from another folder)."""
+    from pipeline.core.config import load_params
+    from pipeline.core.paths import resolve_in_project
 
     path = resolve_in_project(params_file)
-    name = load_params(path).tracking.registered_model if path.is_file() else TrackingParams().registered_model
+    name = load_params(path).tracking.registered_model if path.is_file() else DEFAULT_MODEL_NAME
     return f"models:/{name}@{CHAMPION}"
 
 
@@ -64,7 +65,7 @@ def should_promote(candidate_accuracy: float, champion_accuracy: float | None, m
 def client():
     from mlflow import MlflowClient
 
-    from pipeline.tracking import configure_tracking
+    from pipeline.core.tracking import configure_tracking
 
     configure_tracking()
     return MlflowClient()
@@ -241,3 +242,72 @@ def version_rows(model_name: str) -> list[dict[str, str]]:
             "run_id": (version.run_id or "-")[:12],
         })
     return rows
+
+
+# ---- commands: python -m pipeline registry | promote | rollback -------------------------------------
+
+
+def format_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "(no versions)"
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
+    lines += ["  ".join(row[c].ljust(widths[c]) for c in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def rescore_on_test(params):
+    """A score(model_uri) -> accuracy function over the current test split, and its digest."""
+    from pipeline.core.data import load_split, split_digest
+    from pipeline.core.scoring import make_scorer
+
+    test = load_split(params.paths.test_split)
+    return make_scorer(test, params.evaluate.batch_size), split_digest(test)
+
+
+def _command(prog: str, description: str, argv: list[str] | None, add_arguments=None):
+    import argparse
+
+    from pipeline.core.config import load_params
+    from pipeline.core.runtime import setup_logging
+
+    parser = argparse.ArgumentParser(prog=f"python -m pipeline {prog}", description=description)
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    return args, load_params()
+
+
+@exit_on_user_error
+def list_main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline registry`: the versions, aliases, status and metrics."""
+    _, params = _command("registry", "list registered versions, aliases and metrics", argv)
+    print(format_table(version_rows(params.tracking.registered_model)))
+    return 0
+
+
+@exit_on_user_error
+def promote_main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline promote --version N`: the promotion rule by hand; exit 1 when rejected."""
+    def arguments(parser):
+        parser.add_argument("--version", required=True, help="model version number")
+        parser.add_argument("--force", action="store_true", help="promote even if it does not beat the champion")
+
+    args, params = _command("promote", "promote a registered version to champion", argv, arguments)
+    name = params.tracking.registered_model
+    score, digest = rescore_on_test(params)
+    decision = promote(name, args.version, params.promote.margin, digest, score, force=args.force)
+    print(f"{name} v{args.version}: {decision.status}: {decision.reason}")
+    return 0 if decision.promote else 1
+
+
+@exit_on_user_error
+def rollback_main(argv: list[str] | None = None) -> int:
+    """`python -m pipeline rollback`: champion back to the version that held it before."""
+    _, params = _command("rollback", "move champion back to the previous champion", argv)
+    name = params.tracking.registered_model
+    previous, restored = rollback_champion(client(), name)
+    print(f"{name}: champion moved back from v{previous} to v{restored}")
+    return 0

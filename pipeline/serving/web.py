@@ -21,17 +21,15 @@ from typing import Any
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from pipeline.errors import PipelineError, exit_on_user_error
-from pipeline.predict import (
+from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.registry import champion_uri
+from pipeline.serving.images import ImageError, prepare_image, read_image
+from pipeline.serving.predict import (
     MODEL_OPTION_HELP,
-    ImageError,
     describe,
     load_model,
-    prepare_image,
     probabilities,
-    read_image,
 )
-from pipeline.registry import champion_uri
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +163,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @exit_on_user_error
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(args.model)
@@ -179,9 +177,6 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main() -> None:
-    raise SystemExit(cli())
-
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

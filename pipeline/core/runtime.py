@@ -6,7 +6,7 @@ import logging
 import os
 import random
 
-from pipeline.config import RuntimeParams
+from pipeline.core.config import RuntimeParams
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -1,4 +1,4 @@
-"""Predict digits in photos and scans with a trained model: `python -m pipeline predict IMAGE...`.
+"""Users' pictures to model input: decode safely, then turn a photo or scan into MNIST pixels.
 
 `prepare_image` turns an arbitrary picture into what MNIST was made of: white ink on black,
 the ink's box scaled to fit 20x20 keeping its aspect ratio, then placed in 28x28 so that its
@@ -7,25 +7,18 @@ centre of mass sits at the centre. Models take those raw 0-255 pixels unscaled.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
-import sys
-from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-MODEL_OPTION_HELP = ("models:/ or runs:/ URI, MLflow model folder or .keras file "
-                     "(default: models:/<tracking.registered_model>@champion from params.yaml)")
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 MAX_PIXELS = 40_000_000  # larger pictures are refused before decoding (decompression bombs)
 WORKING_SIDE = 800  # pictures are shrunk to at most this many pixels a side before any filtering
@@ -242,140 +235,3 @@ def prepare_image(image: Image.Image) -> np.ndarray:
     levels, mask = crop_to_ink(levels, mask)
     levels = thicken(levels, mask)
     return centre_by_mass(fit_box(levels))
-
-
-# --- model ---------------------------------------------------------------------------------
-
-
-def load_model(uri: str) -> Any:
-    """A Keras model from `models:/...`, `runs:/...`, an MLflow model folder, or a `.keras` file."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    path = Path(uri).expanduser()
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
-        if path.is_file():
-            import keras
-
-            try:
-                return keras.saving.load_model(path)
-            except (ValueError, OSError) as error:
-                raise PipelineError(f"{uri} is not a Keras model file ({error}); pass a .keras file") from None
-        if not (path / "MLmodel").is_file():
-            raise PipelineError(
-                f"model {uri!r} not found; pass a .keras file, an MLflow model folder, or a models:/ or runs:/ URI"
-            )
-        uri = str(path)
-    import mlflow
-    import mlflow.keras
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.tracking import configure_tracking
-
-    configure_tracking()  # the project's store, or MLFLOW_TRACKING_URI
-    try:
-        return mlflow.keras.load_model(uri)
-    except MlflowException as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PipelineError(
-            f"cannot load model {uri!r} from MLflow at {mlflow.get_tracking_uri()} ({first_line}); "
-            "train and promote a model first, or pass --model with another URI or a .keras file"
-        ) from None
-
-
-def probabilities(model: Any, pixels: np.ndarray) -> np.ndarray:
-    """Softmax outputs (N, 10) for prepared pixels (N, 28, 28)."""
-    batch = np.asarray(pixels, dtype=np.float32).reshape(-1, SIDE, SIDE, 1)
-    if len(batch) == 0:
-        return np.zeros((0, 10), dtype=np.float32)
-    if len(batch) <= 256:  # one step, without predict()'s per-call pipeline set-up
-        return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
-    return np.asarray(model.predict(batch, batch_size=256, verbose=0), dtype=np.float32)
-
-
-def describe(probs: np.ndarray) -> dict[str, Any]:
-    """The answer for one image: label, its confidence, and all ten probabilities."""
-    label = int(np.argmax(probs))
-    return {
-        "label": label,
-        "confidence": round(float(probs[label]), 6),
-        "probabilities": [round(float(p), 6) for p in probs],
-    }
-
-
-def predict_images(model: Any, images: Sequence[Image.Image]) -> list[dict[str, Any]]:
-    """Answers for pictures already opened; one that shows no digit gets an `error` entry."""
-    results: list[dict[str, Any]] = [{} for _ in images]
-    ready: list[int] = []
-    pixels: list[np.ndarray] = []
-    for index, image in enumerate(images):
-        try:
-            pixels.append(prepare_image(image))
-            ready.append(index)
-        except ImageError as error:
-            results[index] = {"error": str(error)}
-    for index, probs in zip(ready, probabilities(model, np.stack(pixels) if pixels else np.zeros((0, SIDE, SIDE)))):
-        results[index] = describe(probs)
-    return results
-
-
-def predict_files(model: Any, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """One entry per path, in order: {path, label, confidence, probabilities} or {path, error}."""
-    paths = [str(path) for path in paths]
-    images: list[Image.Image] = []
-    readable: list[int] = []
-    results: list[dict[str, Any]] = [{"path": path} for path in paths]
-    for index, path in enumerate(paths):
-        try:
-            images.append(read_image(path))
-            readable.append(index)
-        except ImageError as error:
-            results[index]["error"] = str(error)
-    for index, answer in zip(readable, predict_images(model, images)):
-        if "error" in answer:
-            answer = {"error": f"{paths[index]}: {answer['error']}"}
-        results[index].update(answer)
-    return results
-
-
-# --- command line --------------------------------------------------------------------------
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline predict",
-        description="Predict the digit in each image (PNG, JPEG, BMP; any size, colour or grey).",
-    )
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="picture files, one digit each")
-    parser.add_argument("--model", help=MODEL_OPTION_HELP)
-    parser.add_argument("--json", action="store_true", help="print a JSON array instead of lines")
-    return parser.parse_args(argv)
-
-
-def format_line(result: dict[str, Any]) -> str:
-    if "error" in result:
-        return f"{result['path']}: error: {result['error'].removeprefix(result['path'] + ': ')}"
-    return f"{result['path']}: {result['label']} ({result['confidence']:.3f})"
-
-
-@exit_on_user_error
-def cli(argv: list[str] | None = None) -> int:
-    """Exit status 0 when every image was predicted, 1 when some could not be read."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.registry import champion_uri
-
-    model = load_model(args.model or champion_uri())
-    results = predict_files(model, args.images)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            print(format_line(result), file=sys.stderr if "error" in result else sys.stdout)
-    return 1 if any("error" in result for result in results) else 0
-
-
-def main() -> None:
-    raise SystemExit(cli())
-
-
-if __name__ == "__main__":
-    main()

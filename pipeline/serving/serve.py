@@ -18,7 +18,7 @@ import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from pipeline.errors import PipelineError, exit_on_user_error
+from pipeline.core.errors import PipelineError, exit_on_user_error
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def load_pyfunc(uri: str) -> Any:
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import configure_tracking
+    from pipeline.core.tracking import configure_tracking
 
     store = configure_tracking()
     try:
@@ -167,14 +167,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 @exit_on_user_error
-def cli(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from pipeline.runtime import setup_logging
+    from pipeline.core.runtime import setup_logging
 
     args = parse_args(argv)
     setup_logging()
-    from pipeline.registry import champion_uri
+    from pipeline.core.registry import champion_uri
 
     uri = args.model or champion_uri()
     max_bytes = int(args.max_body_mb * MIB)
@@ -186,9 +186,6 @@ def cli(argv: list[str] | None = None) -> int:
     return 0
 
 
-def main() -> None:
-    raise SystemExit(cli())
-
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

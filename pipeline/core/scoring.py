@@ -1,0 +1,95 @@
+"""Scoring a model on labelled digits: accuracy, loss, per-class scores, the confusion matrix.
+
+Pure functions of labels and probabilities, plus the two adapters that load and run a model;
+`evaluate` and the registry's re-scoring of a champion share them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.data import Split
+from pipeline.core.errors import PipelineError
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:
+    """Counts: rows are actual labels, columns predicted ones."""
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(matrix, (y_true.astype(np.int64), y_pred.astype(np.int64)), 1)
+    return matrix
+
+
+def log_loss(y_true: np.ndarray, probabilities: np.ndarray) -> float:
+    picked = probabilities[np.arange(len(y_true)), y_true.astype(np.int64)]
+    return float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+
+
+def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict:
+    """Accuracy, loss, macro and per-class precision/recall/F1 from predicted probabilities."""
+    y_pred = probabilities.argmax(axis=1)
+    matrix = confusion(y_true, y_pred)
+    true_positive = np.diag(matrix).astype(np.float64)
+    predicted = matrix.sum(axis=0)
+    actual = matrix.sum(axis=1)
+    precision = np.divide(true_positive, predicted, out=np.zeros(10), where=predicted > 0)
+    recall = np.divide(true_positive, actual, out=np.zeros(10), where=actual > 0)
+    denominator = precision + recall
+    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(10), where=denominator > 0)
+    return {
+        "accuracy": float(true_positive.sum() / max(len(y_true), 1)),
+        "loss": log_loss(y_true, probabilities),
+        "macro_precision": float(precision.mean()),
+        "macro_recall": float(recall.mean()),
+        "macro_f1": float(f1.mean()),
+        "errors": int(len(y_true) - true_positive.sum()),
+        "per_class": {
+            str(digit): {"precision": float(precision[digit]), "recall": float(recall[digit]), "f1": float(f1[digit])}
+            for digit in range(10)
+        },
+    }
+
+
+def worst_mistakes(y_true: np.ndarray, probabilities: np.ndarray, count: int) -> np.ndarray:
+    """Indices of misclassified items, most confident mistakes first."""
+    y_pred = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(y_pred != y_true)
+    confidence = probabilities[wrong, y_pred[wrong]]
+    return wrong[np.argsort(-confidence, kind="stable")][:count]
+
+
+def load_keras_model(path: Path):
+    import keras
+
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; run `dvc repro train` first")
+    try:
+        return keras.saving.load_model(path)
+    except Exception as error:  # Keras raises many types for damaged archives
+        raise PipelineError(f"{path} cannot be loaded ({type(error).__name__}); re-create it with `dvc repro -f train`") from None
+
+
+def predict_probabilities(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    from pipeline.core.model import as_model_input
+
+    return np.asarray(model.predict(as_model_input(x), batch_size=batch_size, verbose=0), dtype=np.float64)
+
+
+def make_scorer(test: Split, batch_size: int):
+    """score(model_uri) -> test accuracy of a registered model on this test split (re-scoring a champion)."""
+
+    def score(uri: str) -> float:
+        import mlflow.keras
+
+        model = mlflow.keras.load_model(uri)
+        return classification_metrics(test.y, predict_probabilities(model, test.x, batch_size))["accuracy"]
+
+    return score
+
+
+def flat_metrics(metrics: dict, prefix: str = "test") -> dict[str, float]:
+    flat = {f"{prefix}_{k}": v for k, v in metrics.items() if k != "per_class"}
+    for digit, scores in metrics["per_class"].items():
+        flat.update({f"{prefix}_{name}_{digit}": value for name, value in scores.items()})
+    return flat

@@ -1,0 +1,215 @@
+"""The persistent Optuna study: its storage, name, sampler and pruner, and what it has found.
+
+The study lives in persistent storage (SQLite in the repository by default, any RDB URL such as
+PostgreSQL for many workers), so `dvc repro -f`, an interrupted run or `tune --more N` continue it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+
+from pipeline.core.config import Params, TuneParams
+from pipeline.core.errors import PipelineError
+from pipeline.core.paths import resolve_in_project
+
+log = logging.getLogger("pipeline.tuning")
+
+FINISHED = ("COMPLETE", "PRUNED")
+
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite storage URL, a relative path resolved in the user's repository
+    (also under `dvc exp run --temp`); None for other databases."""
+    if not url.startswith(SQLITE_PREFIX):
+        return None
+    return resolve_in_project(url.removeprefix(SQLITE_PREFIX))
+
+
+def resolve_storage_url(url: str) -> str:
+    """The storage URL with a relative SQLite path made absolute; other URLs as given."""
+    path = sqlite_file(url)
+    return url if path is None else f"{SQLITE_PREFIX}{path}"
+
+
+def study_name(params: Params) -> str:
+    """`tune.study_name` plus a digest of everything that makes trial values comparable (search
+    space, base preset, tuning data and epochs, seed, precision). Re-running with the same settings
+    continues the same study; changing the space or the objective starts a new one."""
+    tune = params.tune
+    identity = {
+        "seed": params.seed, "precision": params.runtime.precision,
+        "preprocess": {key: getattr(params.preprocess, key) for key in ("val_size", "train_limit")},
+        "base": params.presets[tune.base_preset].model_dump(), "space": {k: v.model_dump() for k, v in tune.space.items()},
+        "train_images": tune.train_images, "val_images": tune.val_images, "epochs": tune.epochs,
+    }
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{tune.study_name}-{digest}"
+
+
+def make_storage(tune: TuneParams):
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    url = tune.storage
+    resolved = resolve_storage_url(url)
+    database = sqlite_file(url)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return RDBStorage(
+            resolved,
+            heartbeat_interval=tune.heartbeat_interval_s,
+            grace_period=tune.grace_period_s,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            # SQLite: wait for a busy database (optuna-dashboard, a second process) instead of failing
+            engine_kwargs={"connect_args": {"timeout": 60}} if resolved.startswith("sqlite") else {"pool_pre_ping": True},
+        )
+    except (optuna.exceptions.StorageInternalError, Exception) as error:
+        raise PipelineError(
+            f"Optuna storage {url} is unreachable ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            "start the database or set tune.storage to sqlite:///studies/optuna.db"
+        ) from None
+
+
+def make_pruner(name: str, epochs: int):
+    import optuna
+
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    if name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    return optuna.pruners.NopPruner()
+
+
+def make_sampler(seed: int, trials_so_far: int):
+    """TPE seeded from the project seed, offset by the trials already run so a resumed study
+    does not replay the same random start-up trials."""
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed + trials_so_far, n_startup_trials=5, multivariate=True)
+
+
+def open_study(params: Params, storage=None, create: bool = True, sampler_offset: int = 0):
+    """Load (or create) the persistent study; fails stale trials of dead workers first.
+
+    Workers pass a `sampler_offset` of their own so that workers starting together do not
+    sample the same start-up trials."""
+    import optuna
+
+    storage = storage or make_storage(params.tune)
+    try:
+        existing = optuna.load_study(study_name=study_name(params), storage=storage)
+        trials_so_far = len(existing.trials)
+    except KeyError:
+        if not create:
+            raise PipelineError(f"no study {study_name(params)!r} in {params.tune.storage}; create it with "
+                                "`dvc repro tune` (or `python -m pipeline tune`) using the same params.yaml") from None
+        trials_so_far = 0
+    study = optuna.create_study(
+        study_name=study_name(params), storage=storage, direction="maximize", load_if_exists=True,
+        sampler=make_sampler(params.seed + sampler_offset, trials_so_far), pruner=make_pruner(params.tune.pruner, params.tune.epochs),
+    )
+    optuna.storages.fail_stale_trials(study)
+    study.set_user_attr("base_preset", params.tune.base_preset)
+    return study
+
+
+def close_failed_trial_runs(study) -> int:
+    """Mark the MLflow runs of trials that died with their worker as FAILED (they stay RUNNING)."""
+    from mlflow import MlflowClient
+
+    client, closed = MlflowClient(), 0
+    for trial in study.get_trials(deepcopy=False):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if trial.state.name != "FAIL" or not run_id:
+            continue
+        try:
+            run = client.get_run(run_id)
+        except Exception:  # the run lives in another tracking store
+            continue
+        if run.info.status == "RUNNING":
+            client.set_tag(run_id, "optuna.state", "FAIL")
+            client.set_terminated(run_id, status="FAILED")
+            closed += 1
+    return closed
+
+
+def count_states(study) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for trial in study.get_trials(deepcopy=False):
+        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+    return counts
+
+
+def finished_trials(study) -> int:
+    counts = count_states(study)
+    return sum(counts.get(state, 0) for state in FINISHED)
+
+
+def study_summary(study, base_preset: str) -> dict:
+    """Best value and params, the baseline (untuned preset) value, and trial counts."""
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if not complete:
+        raise PipelineError("the study has no completed trial yet; raise tune.n_trials or tune.timeout_s")
+    best = max(complete, key=lambda t: t.value)
+    baseline = next((t for t in complete if t.user_attrs.get("baseline")), None)
+    return {
+        "study_name": study.study_name,
+        "base_preset": base_preset,
+        "best_value": best.value,
+        "best_trial": best.number,
+        "baseline_value": None if baseline is None else baseline.value,
+        "trials": count_states(study),
+        "trial_params": best.params,
+    }
+
+
+def best_params_record(summary: dict, overrides: dict) -> dict:
+    """What `train` reads, and nothing that changes while the best trial stays the same (trial counts
+    live in the summary), so more trials that find nothing better do not re-run `train`."""
+    return {"study_name": summary["study_name"], "base_preset": summary["base_preset"],
+            "best_trial": summary["best_trial"], "params": overrides}
+
+
+def summary_metrics(summary: dict) -> dict:
+    """The summary as DVC metrics: the study, best and baseline values, trial counts (the best values
+    themselves are in best_params.json)."""
+    return {key: summary[key] for key in ("study_name", "best_value", "best_trial", "baseline_value", "trials")}
+
+
+def log_study_figures(study, directory: Path) -> list[Path]:
+    """Optuna's own figures (matplotlib backend) as PNGs; skips ones the study cannot draw yet."""
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ov
+
+    drawers = {
+        "optimization_history": ov.plot_optimization_history,
+        "param_importances": ov.plot_param_importances,
+        "parallel_coordinate": ov.plot_parallel_coordinate,
+        "intermediate_values": ov.plot_intermediate_values,
+    }
+    written = []
+    for name, draw in drawers.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = draw(study)
+            except (ValueError, RuntimeError, ZeroDivisionError) as error:
+                log.info("skipping %s figure: %s", name, error)
+                continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+        figure.set_size_inches(10, 6)
+        path = directory / f"{name}.png"
+        figure.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        written.append(path)
+    return written
