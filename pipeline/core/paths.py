@@ -149,7 +149,8 @@ def require_safe_paths(paths: dict[str, str], inputs: frozenset[str] = frozenset
         if problem:
             raise PipelineError(f"bad parameter in params.yaml: paths.{key}: {path!r} {problem}; "
                                 "set it to a file path inside the project, like the defaults in params.yaml")
-        for other_key, other in paths.items():
-            if other_key != key and overlap(path, other):
+    for index, (key, path) in enumerate(paths.items()):
+        for other_key, other in list(paths.items())[index + 1:]:
+            if overlap(path, other):
                 raise PipelineError(f"bad parameter in params.yaml: paths.{key}: {path!r} overlaps paths.{other_key} "
                                     f"({other!r}); give every input and output a path of its own")

@@ -16,8 +16,9 @@ import yaml
 from bench.pruning import saving, summarize_arm, trial_record
 from bench.report import pruning_markdown, train_markdown
 from bench.training import default_dtype_policy, first_reaching, inference_throughput, ratio, threshold_key
-from pipeline.config import Recipe, load_params
-from pipeline.preprocess import Split, stratified_take
+from pipeline.core.config import Recipe, load_params
+from pipeline.core.data import Split, stratified_take
+from tests.helpers import make_recipe
 from tests.conftest import REPO_ROOT
 
 
@@ -56,13 +57,14 @@ def fake_trial(number: int, state: str, values: list[float]):
 
 def test_workers_arm_keeps_its_best_params_out_of_the_project(tmp_path):
     from bench.workers import arm_params
-    from pipeline.config import parse_params
+    from pipeline.core.config import parse_params
 
     raw = arm_params(REPO_ROOT / "params.yaml", "postgresql+psycopg://h/db", "bench-x", trials=4, workers=2,
                      work_dir=tmp_path)
-    tune = parse_params(raw).tune
-    assert Path(tune.output).parent == tmp_path  # not models/best_params.json, which train reads
-    assert Path(tune.summary).parent == tmp_path  # nor the project's metrics/tune.json
+    params = parse_params(raw)
+    tune = params.tune
+    assert Path(params.paths.best_params).parent == tmp_path  # not models/best_params.json, which train reads
+    assert Path(params.paths.tune_summary).parent == tmp_path  # nor the project's metrics/tune.json
     assert (tune.storage, tune.study_name, tune.n_trials, tune.workers) == ("postgresql+psycopg://h/db", "bench-x", 4, 2)
 
 
@@ -92,8 +94,8 @@ def tiny_params(mnist_npz, tmp_path_factory) -> Path:
         part = stratified_take(split, size, seed=len(name))
         np.savez(prepared / f"{name}.npz", x=part.x, y=part.y)
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    params["preprocess"]["output_dir"] = str(prepared)
-    params["tune"]["output"] = str(work / "no_best_params.json")  # the default preset runs untuned
+    params["paths"].update({f"{name}_split": str(prepared / f"{name}.npz") for name in ("train", "val", "test")})
+    params["paths"]["best_params"] = str(work / "no_best_params.json")  # the default preset runs untuned
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -170,15 +172,15 @@ def test_pruning_benchmark_tiny(tiny_params, tmp_path):
 CHAMPION_AND_SERVE = """
 import json, sys
 import mlflow, mlflow.keras, numpy as np
-from pipeline.config import Recipe
-from pipeline.model import build_model, compile_model
-from pipeline.runtime import setup_logging
-from pipeline.train import model_signature
+from pipeline.core.model import build_model, model_signature
+from pipeline.core.runtime import setup_logging
+from pipeline.core.training import compile_model
+from tests.helpers import make_recipe
 from bench.serving import measure_serving
 
 setup_logging()
 mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", artifact_location=sys.argv[1]))
-model = compile_model(build_model(Recipe()), Recipe(), steps_per_epoch=1, epochs=1)
+model = compile_model(build_model(make_recipe()), make_recipe(), steps_per_epoch=1, epochs=1)
 with mlflow.start_run():
     info = mlflow.keras.log_model(model, name="model", signature=model_signature(), registered_model_name="mnist-cnn")
 mlflow.MlflowClient().set_registered_model_alias("mnist-cnn", "champion", info.registered_model_version)

@@ -1,8 +1,9 @@
 import pytest
 import yaml
 
-from pipeline.config import Recipe, load_params, params_hash, parse_params
-from pipeline.errors import PipelineError
+from pipeline.core.config import load_params, params_hash, parse_params
+from pipeline.core.errors import PipelineError
+from tests.helpers import merged, raw_params, make_recipe
 
 
 def test_repository_params_parse(repo_root):
@@ -19,7 +20,11 @@ def test_repository_params_parse(repo_root):
         ({"train": {"epochs": "many"}}, "train.epochs"),
         ({"train": {"epohcs": 3}}, "train.epohcs: unknown key"),
         ({"trian": {}}, "trian: unknown key"),
-        ({"train": {"preset": "nope"}, "presets": {"reference": {}}}, "train.preset='nope' is not a preset"),
+        ({"train": {"preset": "nope"}}, "train.preset='nope' is not a preset"),
+        ({"train": {"patience": None}}, "train.patience: Field required"),
+        ({"presets": {"fast": {"warmup": None}}}, "onecycle needs warmup"),
+        ({"presets": {"accurate": {"weight_decay": 0.0}}}, "adamw needs weight_decay"),
+        ({"presets": {"fast": {"optimizer": "sgd"}}}, "presets.fast.optimizer"),
         ({"presets": {"fast": {"dropout": 1.5}}, "train": {"preset": "fast"}, "tune": {"base_preset": "fast"}},
          "presets.fast.dropout"),
         ({"fetch": {"sources": ["ftp"]}}, "fetch.sources.0"),
@@ -27,21 +32,18 @@ def test_repository_params_parse(repo_root):
 )
 def test_bad_params_name_the_key(raw, named):
     with pytest.raises(PipelineError) as error:
-        parse_params(raw)
+        parse_params(merged(raw_params(), raw))
     assert named in str(error.value)
     assert "\n" not in str(error.value)
 
 
 def test_search_space_rejects_unknown_keys_and_bad_ranges():
     with pytest.raises(PipelineError, match="unknown search-space key"):
-        parse_params({"tune": {"space": {"learnin_rate": {"low": 0.1, "high": 0.2}}}, "train": {"preset": "reference"},
-                      "presets": {"reference": {}}})
+        parse_params(merged(raw_params(), {"tune": {"space": {"learnin_rate": {"low": 0.1, "high": 0.2}}}}))
     with pytest.raises(PipelineError, match="must be below high"):
-        parse_params({"tune": {"base_preset": "reference", "space": {"dropout": {"low": 0.5, "high": 0.1}}},
-                      "train": {"preset": "reference"}})
+        parse_params(merged(raw_params(), {"tune": {"space": {"dropout": {"low": 0.5, "high": 0.1}}}}))
     with pytest.raises(PipelineError, match="log range needs low > 0"):
-        parse_params({"tune": {"base_preset": "reference", "space": {"learning_rate": {"low": 0.0, "high": 0.1, "log": True}}},
-                      "train": {"preset": "reference"}})
+        parse_params(merged(raw_params(), {"tune": {"space": {"learning_rate": {"low": 0.0, "high": 0.1, "log": True}}}}))
 
 
 def test_load_params_reports_yaml_errors_and_missing_file(tmp_path):
@@ -57,7 +59,7 @@ def test_load_params_reports_yaml_errors_and_missing_file(tmp_path):
 
 
 def test_recipe_overrides_are_validated():
-    recipe = Recipe()
+    recipe = make_recipe()
     assert recipe.with_overrides({"dropout": 0.2}).dropout == 0.2
     with pytest.raises(ValueError):
         recipe.with_overrides({"dropout": 2.0})
@@ -71,9 +73,23 @@ def test_params_hash_is_stable_and_sensitive(repo_root):
     assert params_hash(parse_params(raw)) != params_hash(first)
 
 
-def test_a_partial_params_file_is_valid_on_its_own(tmp_path):
-    """Stage commands load the whole file: defaults alone must form a consistent configuration."""
-    path = tmp_path / "params.yaml"
-    path.write_text("fetch:\n  sources: [pypi]\n")
-    params = load_params(path)
-    assert params.train.preset in params.presets and params.tune.base_preset in params.presets
+def test_params_yaml_is_the_only_source_of_defaults():
+    """No pipeline knob has a code default: a missing section or key is an error naming it."""
+    from pipeline.core.config import Params, Recipe
+
+    for name, section in Params.model_fields.items():
+        assert section.is_required(), f"{name} has a code default"
+        for key, field in getattr(section.annotation, "model_fields", {}).items():
+            assert field.is_required(), f"{name}.{key} has a code default"
+    off_by_default = {name for name, field in Recipe.model_fields.items() if not field.is_required()}
+    assert off_by_default == {"weight_decay", "warmup", "ema_epochs"}  # each means "not used" when left out
+    assert {Recipe.model_fields[name].default for name in off_by_default} == {0.0, None}
+
+
+def test_every_preset_knob_is_used_by_some_preset_or_the_search_space():
+    params = parse_params(raw_params())
+    from pipeline.core.config import Recipe
+
+    values = {name: {str(getattr(recipe, name)) for recipe in params.presets.values()} for name in Recipe.model_fields}
+    for name, seen in values.items():
+        assert len(seen) > 1 or name in params.tune.space, f"presets.*.{name} never varies: make it a constant"

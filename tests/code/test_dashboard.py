@@ -1,8 +1,8 @@
 import pytest
 
-from pipeline.dashboard import storage_for_dashboard
-from pipeline.errors import PipelineError
-from pipeline.tune import sqlite_file
+from pipeline.tuning.dashboard import storage_for_dashboard
+from pipeline.core.errors import PipelineError
+from pipeline.tuning.study import sqlite_file
 
 
 def test_sqlite_paths_resolve_under_the_root_and_other_databases_pass_through(tmp_path, monkeypatch):

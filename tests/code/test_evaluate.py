@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.evaluate import classification_metrics, confusion, flat_metrics, log_loss, worst_mistakes
+from pipeline.core.scoring import classification_metrics, confusion, flat_metrics, log_loss, worst_mistakes
 
 
 def one_hot_probabilities(labels, confidence=0.9):

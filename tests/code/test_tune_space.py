@@ -3,13 +3,14 @@ import json
 import optuna
 import pytest
 
-from pipeline.config import Recipe, parse_params
-from pipeline.errors import PipelineError
-from pipeline.tune import baseline_params, decode_choice, encode_choice, make_sampler, suggest, validate_space
+from pipeline.core.errors import PipelineError
+from pipeline.tuning.space import baseline_params, decode_choice, encode_choice, suggest, validate_space
+from pipeline.tuning.study import make_sampler
+from tests.helpers import params_with, make_recipe
 
 
 def space_of(raw_space):
-    return parse_params({"train": {"preset": "reference"}, "tune": {"base_preset": "reference", "space": raw_space}}).tune.space
+    return params_with({"train": {"preset": "reference"}, "tune": {"base_preset": "reference", "space": raw_space}}).tune.space
 
 
 def test_suggest_decodes_list_choices_and_ranges():
@@ -18,7 +19,7 @@ def test_suggest_decodes_list_choices_and_ranges():
     trial = optuna.trial.FixedTrial({"conv_filters": "32-64", "learning_rate": 0.001, "dense_units": 96})
     values = suggest(trial, space)
     assert values == {"conv_filters": [32, 64], "learning_rate": 0.001, "dense_units": 96}
-    assert Recipe().with_overrides(values).conv_filters == [32, 64]
+    assert make_recipe().with_overrides(values).conv_filters == [32, 64]
 
 
 def test_choice_encoding_roundtrip():
@@ -29,17 +30,19 @@ def test_choice_encoding_roundtrip():
 
 def test_validate_space_rejects_values_a_recipe_refuses():
     with pytest.raises(PipelineError, match=r"tune.space.dropout: value 1.0"):
-        validate_space(Recipe(), space_of({"dropout": {"low": 0.1, "high": 1.0}}))
+        validate_space(make_recipe(), space_of({"dropout": {"low": 0.1, "high": 1.0}}))
     with pytest.raises(PipelineError, match="tune.space.optimizer: value 'rmsprop'"):
-        validate_space(Recipe(), space_of({"optimizer": {"choices": ["adam", "rmsprop"]}}))
-    validate_space(Recipe(), space_of({"optimizer": {"choices": ["adam", "sgd"]}}))
+        validate_space(make_recipe(), space_of({"optimizer": {"choices": ["adam", "rmsprop"]}}))
+    with pytest.raises(PipelineError, match="adamw needs weight_decay"):  # the reference preset sets none
+        validate_space(make_recipe(), space_of({"optimizer": {"choices": ["adam", "adamw"]}}))
+    validate_space(make_recipe("fast"), space_of({"optimizer": {"choices": ["adam", "adamw"]}}))
 
 
 def test_baseline_is_the_preset_when_inside_the_space():
     space = space_of({"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True}, "batch_size": {"choices": [64, 128]}})
-    assert baseline_params(Recipe(), space) == {"learning_rate": 0.001, "batch_size": 128}
+    assert baseline_params(make_recipe(), space) == {"learning_rate": 0.001, "batch_size": 128}
     outside = space_of({"batch_size": {"choices": [64, 256]}})
-    assert baseline_params(Recipe(), outside) == {}
+    assert baseline_params(make_recipe(), outside) == {}
 
 
 def test_resumed_sampler_does_not_replay_startup_trials():
@@ -57,7 +60,7 @@ class AlwaysPrune(optuna.pruners.BasePruner):
 
 
 def test_pruning_never_throws_away_a_trial_that_trained_all_its_epochs():
-    from pipeline.tune import pruning_callback
+    from pipeline.tuning.objective import pruning_callback
 
     study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
     early, full = study.ask(), study.ask()
@@ -75,10 +78,10 @@ def test_more_trials_without_a_better_one_leave_the_best_params_file_unchanged(t
 
     from pipeline.tune import write_results
 
-    params = parse_params({"train": {"preset": "reference"}, "tune": {
-        "base_preset": "reference", "output": str(tmp_path / "best_params.json"), "summary": str(tmp_path / "tune.json"),
-        "space": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
-                  "conv_filters": {"choices": [[16, 32], [32, 64]]}}}})
+    params = params_with({"train": {"preset": "reference"}, "tune": {
+        "base_preset": "reference", "space": {"learning_rate": {"low": 1e-4, "high": 1e-2, "log": True},
+                                              "conv_filters": {"choices": [[16, 32], [32, 64]]}}},
+        "paths": {"best_params": str(tmp_path / "best_params.json"), "tune_summary": str(tmp_path / "tune.json")}})
     distributions = {"learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
                      "conv_filters": CategoricalDistribution(["16-32", "32-64"])}
     study = optuna.create_study(study_name="s", direction="maximize")

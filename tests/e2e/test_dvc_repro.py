@@ -33,8 +33,10 @@ def test_metrics_and_figures_are_written(tiny_project):
     assert sorted(per_class) == [str(d) for d in range(10)]
     rows = (tiny_project / "metrics" / "confusion.csv").read_text().splitlines()
     assert rows[0] == "actual,predicted" and len(rows) == 1001
-    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png"):
+    for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png", "handwriting_predictions.png"):
         assert (tiny_project / "figures" / name).read_bytes().startswith(b"\x89PNG")
+    handwriting = json.loads((tiny_project / "metrics" / "handwriting.json").read_text())
+    assert handwriting["count"] == 40 and 0.0 <= handwriting["accuracy"] <= 1.0
     history = (tiny_project / "metrics" / "train_history.csv").read_text().splitlines()
     assert history[0] == "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate" and len(history) == 3
 
@@ -44,6 +46,7 @@ def test_dvc_sees_metrics_and_plots(tiny_project):
     files = shown[""]["data"]
     assert files["metrics/evaluate.json"]["data"]["test"]["accuracy"] > 0.5
     assert files["metrics/tune.json"]["data"]["trials"]["COMPLETE"] >= 1
+    assert "accuracy" in files["metrics/handwriting.json"]["data"]  # the real-world figure: `dvc metrics diff` tracks it
     rendered = dvc("plots", "show", "--json", project=tiny_project).stdout
     assert "metrics/confusion.csv" in rendered and "training curves" in rendered
 
@@ -87,6 +90,28 @@ def test_second_repro_is_a_no_op(tiny_project):
     assert "Running stage" not in result.stdout
 
 
+def changed_stages(project) -> set[str]:
+    return set(json.loads(dvc("status", "--json", project=project).stdout))
+
+
+@pytest.mark.parametrize(("module", "stages"), [
+    ("pipeline/core/runtime.py", {"fetch", "preprocess", "tune", "train", "evaluate"}),  # the precision policy
+    ("pipeline/core/config.py", {"fetch", "preprocess", "tune", "train", "evaluate"}),  # every knob's parsing
+    ("pipeline/core/training.py", {"tune", "train"}),
+    ("pipeline/serving/images.py", {"evaluate"}),  # the handwriting score prepares pictures as users' are
+])
+def test_a_code_change_reruns_every_stage_that_runs_the_code(tiny_project, module, stages):
+    path = tiny_project / module
+    original = path.read_text()
+    assert changed_stages(tiny_project) == set()
+    path.write_text(original + "\n# changed\n")
+    try:
+        assert changed_stages(tiny_project) == stages
+    finally:
+        path.write_text(original)
+    assert changed_stages(tiny_project) == set()
+
+
 def test_evaluate_param_reruns_only_evaluate_without_a_duplicate_version(tiny_project):
     params_path = tiny_project / "params.yaml"
     original = params_path.read_text()
@@ -109,7 +134,7 @@ def test_info_prints_absolute_locations(tiny_project):
     assert info["tracking_uri"] == f"sqlite:///{tiny_project / 'mlruns' / 'mlflow.db'}"
     assert info["registered_model"] == "mnist-cnn"
     assert info["study_storage"] == f"sqlite:///{tiny_project / 'studies' / 'optuna.db'}"
-    assert all(os.path.isabs(info[k]) for k in ("raw_data", "model", "metrics", "best_params", "study_summary"))
+    assert all(os.path.isabs(info[f"paths.{k}"]) for k in ("raw", "model", "metrics", "best_params", "tune_summary"))
 
 
 def test_tracking_uri_env_overrides_the_store(tiny_project, tmp_path):

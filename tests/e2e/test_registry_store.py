@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from pipeline import registry
-from pipeline.config import Recipe
-from pipeline.errors import PipelineError
+from pipeline.core import registry
+from tests.helpers import make_recipe
+from pipeline.core.errors import PipelineError
 from tests.e2e.conftest import run
 
 pytestmark = pytest.mark.slow
@@ -23,7 +23,7 @@ def store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    from pipeline.tracking import ensure_experiment
+    from pipeline.core.tracking import ensure_experiment
 
     ensure_experiment("mnist")
     return tmp_path
@@ -34,10 +34,9 @@ def register_version(accuracy: float, digest: str = DIGEST) -> str:
     import mlflow
     import mlflow.keras
 
-    from pipeline.model import build_model
-    from pipeline.train import model_signature
+    from pipeline.core.model import build_model, model_signature
 
-    model = build_model(Recipe(conv_filters=[4], dense_units=0))
+    model = build_model(make_recipe(conv_filters=[4], dense_units=0))
     with mlflow.start_run() as active:
         info = mlflow.keras.log_model(model, name="model", signature=model_signature())
     version = registry.register(info.model_uri, MODEL, active.info.run_id,
@@ -146,11 +145,12 @@ def test_promote_and_rollback_commands(store, repo_root):
     (store / "params.yaml").write_text((repo_root / "params.yaml").read_text())
     import numpy as np
 
-    from pipeline.preprocess import Split, write_splits
+    from pipeline.core.data import Split, save_split
 
     rng = np.random.default_rng(0)
-    write_splits({"test": Split(rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
-                                (np.arange(50) % 10).astype(np.uint8))}, store / "data" / "prepared")
+    (store / "data" / "prepared").mkdir(parents=True)
+    save_split(Split(rng.integers(0, 256, (50, 28, 28), dtype=np.uint8), (np.arange(50) % 10).astype(np.uint8)),
+               store / "data" / "prepared" / "test.npz")
     listed = run([sys.executable, "-m", "pipeline", "registry"], store).stdout
     assert "champion" in listed and "0.970000" in listed
     rolled = run([sys.executable, "-m", "pipeline", "rollback"], store)

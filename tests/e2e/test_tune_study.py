@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 def current_study_name(project) -> str:
-    from pipeline.config import load_params
-    from pipeline.tune import study_name
+    from pipeline.core.config import load_params
+    from pipeline.tuning.study import study_name
 
     return study_name(load_params(project / "params.yaml"))
 

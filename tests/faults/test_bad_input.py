@@ -178,3 +178,42 @@ def test_dashboard_without_a_study_database_names_the_command_to_run(project):
         (project / "params.yaml").write_text(original)
     assert f"{project / 'no-study-here' / 'optuna.db'}" in line and "dvc repro -f tune" in line
     assert not (project / "no-study-here").exists()  # the dashboard created no empty database
+
+
+@pytest.fixture(scope="module")
+def nested_project(tmp_path_factory, mnist_npz):
+    """A project inside a scratch folder made for these tests, with a file beside it: a `..` that escapes
+    lands in scratch, never in the checkout or the temporary folder."""
+    scratch = tmp_path_factory.mktemp("scratch")
+    (scratch / "beside.txt").write_text("a user's file next to the project")
+    project = copy_project(scratch / "project")
+    tiny_params(project / "params.yaml")
+    (project / "data" / "raw").mkdir(parents=True)
+    shutil.copy2(mnist_npz, project / "data" / "raw" / "mnist.npz")
+    return project
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under `folder` but git's and DVC's own bookkeeping."""
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if path.is_file() and "/.git/" not in f"/{name}" and "/.dvc/tmp/" not in f"/{name}":
+            files[name] = path.read_bytes()
+    return files
+
+
+@pytest.mark.parametrize("value", ["..", "", ".", "data"])
+def test_a_dangerous_output_folder_is_refused_and_nothing_is_deleted(nested_project, value):
+    scratch = nested_project.parent
+    before = snapshot(scratch)
+    original = with_params(nested_project, lambda p: p["paths"].update(train_split=value))
+    try:
+        line = one_error_line(run([sys.executable, "-m", "pipeline.preprocess"], nested_project, check=False))
+        assert "paths.train_split" in line and "params.yaml" in line
+        refused = dvc("repro", "preprocess", project=nested_project, check=False)  # DVC's own checks refuse it too
+        assert refused.returncode != 0
+    finally:
+        (nested_project / "params.yaml").write_text(original)
+    after = snapshot(scratch)
+    assert {name: after.get(name) for name in before} == before  # every file beside and inside kept, unchanged

@@ -34,8 +34,8 @@ def test_two_workers_share_a_study_and_survive_a_killed_worker(project, postgres
     for stage in ("pipeline.fetch", "pipeline.preprocess"):
         run([sys.executable, "-m", stage], project)
 
-    from pipeline.config import load_params
-    from pipeline.tune import study_name
+    from pipeline.core.config import load_params
+    from pipeline.tuning.study import study_name
 
     name = study_name(load_params(project / "params.yaml"))
     env = project_env(project) | {"MLFLOW_TRACKING_URI": tracking_uri}

@@ -11,7 +11,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from pipeline.serve import BodySizeLimit, declared_length
+from pipeline.serving.serve import BodySizeLimit, declared_length
 
 LIMIT = 100
 

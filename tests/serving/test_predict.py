@@ -14,13 +14,12 @@ import pytest
 from PIL import Image, ImageFilter
 from scipy import ndimage
 
-from pipeline import handwriting
-from pipeline.predict import ImageError, cli, load_model, predict_files, prepare_image, read_image
+from pipeline.serving import handwriting
+from pipeline.serving.images import ImageError, prepare_image, read_image
+from pipeline.serving.predict import load_model, main, predict_files
+from tools import handwriting as generator
 
-try:
-    from _predict_fixtures import REPO, mnist_digit, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
-except ImportError:  # tests/ is a package
-    from tests._predict_fixtures import REPO, mnist_digit, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
+from tests.serving.fixtures import REPO, mnist_digit, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
 
 HANDWRITING = REPO / "tests" / "handwriting"
 
@@ -171,19 +170,19 @@ def test_predict_files_reports_unreadable_files_and_predicts_the_rest(tiny_model
 
 
 def test_cli_lines_and_exit_status(tiny_model_path, pictures, capsys):
-    assert cli(["--model", str(tiny_model_path), str(pictures["png"]), str(pictures["jpg"])]) == 0
+    assert main(["--model", str(tiny_model_path), str(pictures["png"]), str(pictures["jpg"])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     assert lines[1].startswith(f"{pictures['jpg']}: 1 (")
 
-    assert cli(["--model", str(tiny_model_path), str(pictures["png"]), str(pictures["text"])]) == 1
+    assert main(["--model", str(tiny_model_path), str(pictures["png"]), str(pictures["text"])]) == 1
     captured = capsys.readouterr()
     assert captured.out.count("\n") == 1
     assert captured.err.strip().startswith(f"{pictures['text']}: error: not a readable image")
 
 
 def test_cli_json(tiny_model_path, pictures, capsys):
-    status = cli(["--model", str(tiny_model_path), "--json", str(pictures["bmp"]), str(pictures["missing"])])
+    status = main(["--model", str(tiny_model_path), "--json", str(pictures["bmp"]), str(pictures["missing"])])
     assert status == 1
     results = json.loads(capsys.readouterr().out)
     assert isinstance(results, list) and len(results) == 2
@@ -194,14 +193,14 @@ def test_cli_json(tiny_model_path, pictures, capsys):
 
 def test_cli_bad_model_is_one_line_error(tmp_path, pictures, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli(["--model", str(tmp_path / "nope.keras"), str(pictures["png"])])
+        main(["--model", str(tmp_path / "nope.keras"), str(pictures["png"])])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model") and "\n" not in err
 
 
 def test_load_model_rejects_a_file_that_is_not_a_model(pictures):
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="not a Keras model file"):
         load_model(str(pictures["text"]))
@@ -226,7 +225,7 @@ def test_registered_model_uri(tiny_model_path, pictures, tmp_path, monkeypatch):
     for uri in ("models:/mnist-cnn-test@champion", f"runs:/{run.info.run_id}/model"):
         results = predict_files(load_model(uri), [pictures["jpg"]])
         assert results[0]["label"] == 1, uri
-    from pipeline.errors import PipelineError
+    from pipeline.core.errors import PipelineError
 
     with pytest.raises(PipelineError, match="cannot load model 'models:/nope@champion'"):
         load_model("models:/nope@champion")
@@ -235,7 +234,7 @@ def test_registered_model_uri(tiny_model_path, pictures, tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_module_entry_point(tiny_model_path, pictures):
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.predict", "--json", "--model", str(tiny_model_path),
+        [sys.executable, "-m", "pipeline.serving.predict", "--json", "--model", str(tiny_model_path),
          str(pictures["jpg"]), str(pictures["text"])],
         cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
@@ -267,10 +266,10 @@ def test_handwriting_pictures_all_prepare():
 
 
 def test_generate_is_deterministic(tmp_path):
-    if not handwriting.available_fonts(handwriting.HANDWRITING_FONTS):
+    if not generator.available_fonts(generator.HANDWRITING_FONTS):
         pytest.skip("no handwriting fonts installed (apt-get install fonts-bwht fonts-dkg-handwriting ...)")
-    first = handwriting.generate(tmp_path / "a", count=12, seed=3)
-    handwriting.generate(tmp_path / "b", count=12, seed=3)
+    first = generator.generate(tmp_path / "a", count=12, seed=3)
+    generator.generate(tmp_path / "b", count=12, seed=3)
     assert [row["label"] for row in first] == [index % 10 for index in range(12)]
     for row in first:
         assert (tmp_path / "a" / row["file"]).read_bytes() == (tmp_path / "b" / row["file"]).read_bytes()

@@ -1,4 +1,4 @@
-"""Shared fixtures of test_predict.py and test_web.py: a tiny trained model and digit pictures."""
+"""Shared fixtures of the serving tests: a tiny trained model and digit pictures."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MNIST = REPO / "data" / "raw" / "mnist.npz"
 TRAIN_IMAGES = 3000
 
@@ -21,8 +21,9 @@ def train_tiny_model(mnist: Path, out: Path) -> Path:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from pipeline.config import load_params
-    from pipeline.model import build_model, compile_model
+    from pipeline.core.config import load_params
+    from pipeline.core.model import build_model
+    from pipeline.core.training import compile_model
 
     keras.utils.set_random_seed(0)
     with np.load(mnist) as data:

@@ -17,13 +17,10 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from pipeline.web import MAX_UPLOAD_BYTES, create_app
+from pipeline.serving.web import MAX_UPLOAD_BYTES, create_app
 from tests.conftest import free_port
 
-try:
-    from _predict_fixtures import REPO, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
-except ImportError:  # tests/ is a package
-    from tests._predict_fixtures import REPO, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
+from tests.serving.fixtures import REPO, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -176,12 +173,12 @@ def browser_or_skip() -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path, tmp_path_factory):
-    """`python -m pipeline.web` on a free loopback port; yields its base URL."""
+    """`python -m pipeline.serving.web` on a free loopback port; yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("web") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.web", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "pipeline.serving.web", "--host", "127.0.0.1", "--port", str(port),
              "--model", str(tiny_model_path)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )
