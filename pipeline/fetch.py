@@ -184,7 +184,7 @@ def from_keras(params: FetchParams) -> Arrays:
         if sha256_file(cached) != KERAS_NPZ_SHA256:
             raise ValueError(f"{cached} has the wrong SHA-256; delete it so Keras downloads it again")
         return verify_content(read_npz(cached), str(cached))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see runtime.quiet_tensorflow_logs
     from keras.datasets import mnist
 
     try:

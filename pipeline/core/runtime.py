@@ -20,7 +20,18 @@ def quiet_library_warnings() -> None:
 
     warnings.filterwarnings("ignore", message=".*experimental.*")
     warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # hide TF's C++ start-up chatter
+    quiet_tensorflow_logs()
+
+
+def quiet_tensorflow_logs() -> None:
+    """Hide TensorFlow's C++ log below FATAL; must run before TensorFlow is imported.
+
+    With op determinism on, TF 2.21's tf.data `make_deterministic` rewrite turns Keras' parallel map
+    into a plain MapDataset but keeps its `use_unbounded_threadpool` attribute, and the runtime logs
+    an E0000 line for it once per input pipeline: harmless (the attribute is ignored), but it reads
+    as a failure. Real op failures still arrive as Python exceptions. `TF_CPP_MIN_LOG_LEVEL=0`
+    shows everything again."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
@@ -46,7 +57,7 @@ def setup_tensorflow(runtime: RuntimeParams, seed: int) -> None:
 
     Thread counts must be set before TF runs its first op, so call this first thing in main().
     """
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow_logs()
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import numpy as np

@@ -28,7 +28,7 @@ MODEL_OPTION_HELP = ("models:/ or runs:/ URI, MLflow model folder or .keras file
 
 def load_model(uri: str) -> Any:
     """A Keras model from `models:/...`, `runs:/...`, an MLflow model folder, or a `.keras` file."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see runtime.quiet_tensorflow_logs
     path = Path(uri).expanduser()
     if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
         if path.is_file():

@@ -31,9 +31,11 @@ def project(tmp_path: Path) -> Path:
     return root
 
 
-def fake_python(directory: Path, version: tuple[int, int, int], executable: str) -> Path:
+def fake_python(directory: Path, version: tuple[int, int, int], executable: str, venv_fails: bool = False) -> Path:
     """An interpreter that claims to be `version` at `executable`: it runs the real one with
-    sys.version_info and sys.executable replaced, so it answers whatever the script asks with -c."""
+    sys.version_info and sys.executable replaced, so it answers whatever the script asks with -c.
+    With venv_fails, `-m venv DIR` leaves a half-made DIR and fails, as Debian's python3 without
+    python3-venv does."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"python{version[0]}.{version[1]}"
     patch = ("import collections, sys; "
@@ -44,6 +46,7 @@ def fake_python(directory: Path, version: tuple[int, int, int], executable: str)
     path.write_text(f"""#!/bin/sh
 if [ "$1" = -c ]; then shift; exec {sys.executable} -c "{patch}" "$@"; fi
 if [ "$1" = --version ] || [ "$1" = -V ]; then echo "Python {version[0]}.{version[1]}.{version[2]}"; exit 0; fi
+{'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; echo "ensurepip is not available" >&2; exit 1; fi' if venv_fails else ''}
 exec {sys.executable} "$@"
 """)
     path.chmod(0o755)
@@ -126,6 +129,24 @@ def test_rebuild_puts_the_old_venv_back_when_the_install_fails(project):
     assert (project / ".venv" / "MARKER").read_text() == "the old venv\n"
     assert "version = 3.10.13" in (project / ".venv" / "pyvenv.cfg").read_text()
     assert sorted(p.name for p in project.iterdir()) == [".venv", "pyproject.toml", "requirements.lock", "scripts"]
+
+
+def test_a_failed_venv_creation_is_removed_and_the_old_venv_put_back(project, tmp_path):
+    python = fake_python(tmp_path / "bin", (3, 12, 1), "/usr/bin/python3.12", venv_fails=True)
+    fake_venv(project, "3.10.13", "/opt/python3.10/bin/python3.10")
+
+    result = run_setup(project, python)
+
+    assert result.returncode != 0
+    assert "python3-venv" in result.stderr and "putting the previous .venv back" in result.stderr
+    assert (project / ".venv" / "MARKER").exists()
+    assert sorted(p.name for p in project.iterdir()) == [".venv", "pyproject.toml", "requirements.lock", "scripts"]
+
+    shutil.rmtree(project / ".venv")
+    result = run_setup(project, python)
+
+    assert result.returncode != 0 and "python3-venv" in result.stderr
+    assert not (project / ".venv").exists()  # the half-made one is gone, so the next run starts clean
 
 
 def test_never_moves_a_venv_that_is_a_link(project, tmp_path):
