@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 # The modules whose tests use the session's `tiny_project`: under pytest-xdist one worker runs them
 # all, so the project is built once (checked at collection).
-TINY_PROJECT_MODULES = ("tests/e2e/test_dvc_repro.py", "tests/e2e/test_serving.py",
+TINY_PROJECT_MODULES = ("tests/e2e/test_dvc_repro.py", "tests/e2e/test_serving.py", "tests/e2e/test_tools.py",
                         "tests/faults/test_training_faults.py")
 
 
@@ -122,5 +122,6 @@ def tiny_project(tmp_path_factory) -> Path:
 
     project = copy_project(tmp_path_factory.mktemp("project"))
     tiny_params(project / "params.yaml")
-    dvc("repro", project=project)
+    first = dvc("repro", project=project)
+    (project / ".dvc" / "tmp" / "first-repro.log").write_text(first.stdout + first.stderr)  # what a user reads
     return project

@@ -22,7 +22,8 @@ STAGING_PREFIX = ".staging-"  # a crashed stage's leftovers carry it (and are cl
 
 
 def project_root(start: Path | None = None) -> Path:
-    """The user's repository root.
+    """The user's repository root: the nearest folder up from `start` (the working folder) that holds
+    `dvc.yaml`, so commands work from any subfolder; the working folder itself outside a project.
 
     `dvc exp run --temp` and `--queue` run in `<repo>/.dvc/tmp/exps/<tmpdir>/`; stores that must
     be shared across experiments (MLflow, Optuna) resolve to the outer repository.
@@ -32,7 +33,7 @@ def project_root(start: Path | None = None) -> Path:
     for i in range(len(parts) - len(_DVC_TEMP_EXPS)):
         if parts[i : i + len(_DVC_TEMP_EXPS)] == _DVC_TEMP_EXPS:
             return Path(*parts[:i])
-    return here
+    return next((folder for folder in (here, *here.parents) if (folder / "dvc.yaml").is_file()), here)
 
 
 def resolve_in_project(path: str, start: Path | None = None) -> Path:

@@ -12,8 +12,19 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
+def accuracy_limits(history: list[dict[str, float]]) -> tuple[float, float]:
+    """A y-range for accuracies that shows where curves differ: from the lowest value after the first
+    epoch (which is usually far below the rest) to the highest, padded, at most 1."""
+    rows = history[1:] or history
+    shown = [row[key] for row in rows for key in ("accuracy", "val_accuracy")]
+    low, high = min(shown), max(shown)
+    pad = max((high - low) * 0.08, 0.0005)
+    return max(low - pad, 0.0), min(high + pad, 1.0)
+
+
 def training_curves(history: list[dict[str, float]]) -> Figure:
-    """Loss and accuracy per epoch, training and validation side by side."""
+    """Loss and accuracy per epoch, training and validation side by side; the accuracy axis is zoomed
+    to the epochs after the first, where runs differ."""
     epochs = [row["epoch"] for row in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for key, style in (("loss", "-"), ("val_loss", "--")):
@@ -21,7 +32,11 @@ def training_curves(history: list[dict[str, float]]) -> Figure:
     for key, style in (("accuracy", "-"), ("val_accuracy", "--")):
         accuracy_axis.plot(epochs, [row[key] for row in history], style, marker="o", label=key)
     loss_axis.set(title="Loss", xlabel="epoch", yscale="log")
-    accuracy_axis.set(title="Accuracy", xlabel="epoch")
+    accuracy_axis.set(title="Accuracy (zoomed; epoch 1 may lie below)" if len(history) > 1 else "Accuracy",
+                      xlabel="epoch")
+    accuracy_axis.set_ylim(*accuracy_limits(history))
+    best = max(history, key=lambda row: row["val_accuracy"])
+    figure.suptitle(f"Training curves: best val_accuracy {best['val_accuracy']:.4f} at epoch {int(best['epoch'])}")
     for axis in (loss_axis, accuracy_axis):
         axis.grid(alpha=0.3)
         axis.legend()

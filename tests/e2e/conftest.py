@@ -32,10 +32,10 @@ def tiny_params(path: Path, **overrides) -> dict:
 
 
 def project_env(project: Path) -> dict[str, str]:
-    """Run DVC and the stages with this interpreter's venv, logging to the copy's own stores."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(project),
-               TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    """Run DVC and the stages with this interpreter's venv, logging to the copy's own stores, with TensorFlow's
+    log settings as a user has them (none)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TF_CPP_"))}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(project), PYTHONUNBUFFERED="1")
     return env
 
 

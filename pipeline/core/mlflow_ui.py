@@ -1,0 +1,45 @@
+"""`python -m pipeline ui`: the MLflow UI on the project's tracking store, from any folder inside it.
+
+A plain `mlflow ui` opens (and creates) `./mlflow.db` in the working folder, not the project's
+store; this command finds the store the stages log to (`pipeline.core.tracking`) and serves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from pipeline.core import tracking
+from pipeline.core.errors import PipelineError, exit_on_user_error
+
+SQLITE_PREFIX = "sqlite:///"
+
+
+def ui_command(store_uri: str, host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri, "--host", host, "--port", str(port)]
+
+
+def require_store(store_uri: str) -> None:
+    """One error line where the embedded store does not exist yet (the UI would create an empty one)."""
+    if store_uri.startswith(SQLITE_PREFIX) and not Path(store_uri.removeprefix(SQLITE_PREFIX)).is_file():
+        raise PipelineError(f"no MLflow store at {store_uri.removeprefix(SQLITE_PREFIX)} yet; run `dvc repro` "
+                            "first (it tracks every stage there)")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline ui", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
+    args = parser.parse_args(argv)
+    store_uri = tracking.tracking_uri()
+    if tracking.is_remote(store_uri):
+        print(f"the project tracks to the MLflow server {store_uri}: open it there")
+        return 0
+    require_store(store_uri)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {store_uri}); Ctrl-C stops it", flush=True)
+    command = ui_command(store_uri, args.host, args.port)
+    os.execv(command[0], command)  # the UI takes over this process: Ctrl-C and signals reach it directly
+    return 0  # not reached
