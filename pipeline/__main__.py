@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from pipeline.core.errors import exit_on_user_error
@@ -14,6 +15,8 @@ from pipeline.core.errors import exit_on_user_error
 # command -> ("module:function", help)
 COMMANDS = {
     "info": ("pipeline.__main__:info_main", "print where the stores, data, model and metrics live"),
+    "ui": ("pipeline.core.mlflow_ui:main", "open the MLflow UI on the project's tracking store"),
+    "runs": ("pipeline.core.runs:main", "compare training runs: params, test and handwriting accuracy, version (--sort, --top)"),
     "registry": ("pipeline.core.registry:list_main", "list registered versions, aliases and metrics"),
     "promote": ("pipeline.core.registry:promote_main", "promote a registered version to champion (--version N)"),
     "rollback": ("pipeline.core.registry:rollback_main", "move champion back to the previous champion"),
@@ -64,10 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that take the user's own file paths run where they are called; the others run in the project
+# root, like the stages, so they work from any folder inside the project.
+RUN_WHERE_CALLED = frozenset({"predict", "serve", "web"})
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         build_parser().parse_args(argv)  # prints usage and exits 2 (or 0 for --help)
+    if argv[0] not in RUN_WHERE_CALLED:
+        from pipeline.core.paths import project_root
+
+        os.chdir(project_root())
     module_name, function = COMMANDS[argv[0]][0].split(":")
     return getattr(importlib.import_module(module_name), function)(argv[1:])
 

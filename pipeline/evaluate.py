@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         flat_metrics,
         load_keras_model,
         make_scorer,
+        per_class_table,
         predict_probabilities,
         worst_mistakes,
     )
@@ -106,9 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         with mlflow.start_run(run_id=record["run_id"]):
             mlflow.log_metrics({**flat_metrics(metrics), "handwriting_accuracy": handwriting["accuracy"]})
             mlflow.log_param("test_images", len(test))
+            tracking.log_split(test, paths.test_split, "mnist-test", "testing")
+            tracking.log_table(per_class_table(metrics), "per_class.json")
             for key in ("confusion_figure", "curves_figure", "mistakes_figure", "handwriting_figure"):
                 mlflow.log_artifact(str(staging.path(getattr(paths, key))), "figures")
-            for key in ("metrics", "per_class", "handwriting"):
+            for key in ("metrics", "handwriting"):  # per-class scores: the per_class.json table above
                 mlflow.log_artifact(str(staging.path(getattr(paths, key))), "metrics")
             version_tags = {"test_accuracy": f"{metrics['accuracy']:.6f}", "test_loss": f"{metrics['loss']:.6f}",
                             "test_macro_f1": f"{metrics['macro_f1']:.6f}", "test_data_sha256": digest,

@@ -22,6 +22,7 @@ log = logging.getLogger("pipeline.train")
 
 # the params sections this stage reads (its dvc.yaml entry lists the same)
 PARAMS = ("seed", "runtime", "train", "presets", "tracking")
+INPUT_EXAMPLE_IMAGES = 3  # real digits saved with the logged model as its input example
 
 
 def read_best_params(path: Path) -> dict:
@@ -72,7 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     setup_tensorflow(params.runtime, params.seed)
 
     import mlflow
-    import mlflow.keras
 
     from pipeline.core import tracking
     from pipeline.core.data import load_split
@@ -85,14 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     recipe = resolve_recipe(params, best)
     train, val = load_split(paths.train_split), load_split(paths.val_split)
     tracking.ensure_experiment(params.tracking.experiment)  # fails fast if the store is down
+    tracking.sample_system_metrics()
 
     run_name = f"train {params.train.preset} {time.strftime('%Y-%m-%d %H:%M:%S')}"  # seeded RNG would repeat MLflow's random names
     with staged_outputs() as staging, tempfile.TemporaryDirectory() as scratch, \
-            mlflow.start_run(run_name=run_name, tags=tracking.run_tags("train", params_hash(params))) as run:
+            mlflow.start_run(run_name=run_name, tags=tracking.run_tags("train", params_hash(params)),
+                             log_system_metrics=True) as run:
         mlflow.log_params({"seed": params.seed, "preset": params.train.preset, "tuned": best is not None,
                            **tracking.flatten("recipe", recipe.model_dump()),
                            **tracking.flatten("train", params.train.model_dump()),
                            "train_images": len(train), "val_images": len(val)})
+        tracking.log_split(train, paths.train_split, "mnist-train", "training")
+        tracking.log_split(val, paths.val_split, "mnist-val", "validation")
         log.info("training preset %s for up to %d epochs on %d images: %s", params.train.preset,
                  params.train.epochs, len(train), recipe.model_dump())
         started = time.perf_counter()
@@ -112,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         save(training_curves(history), curves)
         mlflow.log_artifact(str(curves), "figures")
         mlflow.log_artifact(str(staging.path(paths.history)), "metrics")
-        model_info = mlflow.keras.log_model(model, name="model", signature=model_signature())
+        # the input example: validation digits (this stage never reads the test split, so that a change
+        # to the test set does not retrain)
+        example = as_model_input(val.x[:INPUT_EXAMPLE_IMAGES])
+        model_info = tracking.log_keras_model(model, model_signature(), example)
         record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                   "model_uri": model_info.model_uri, "run_model_uri": f"runs:/{run.info.run_id}/model",
                   "preset": params.train.preset, "recipe": recipe.model_dump(), "epochs_run": len(history),

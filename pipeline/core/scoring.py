@@ -89,7 +89,12 @@ def make_scorer(test: Split, batch_size: int):
 
 
 def flat_metrics(metrics: dict, prefix: str = "test") -> dict[str, float]:
-    flat = {f"{prefix}_{k}": v for k, v in metrics.items() if k != "per_class"}
-    for digit, scores in metrics["per_class"].items():
-        flat.update({f"{prefix}_{name}_{digit}": value for name, value in scores.items()})
-    return flat
+    """The summary scores as MLflow metrics (`test_accuracy`, ...); per-class ones go in `per_class_table`."""
+    return {f"{prefix}_{k}": v for k, v in metrics.items() if k != "per_class"}
+
+
+def per_class_table(metrics: dict) -> dict[str, list]:
+    """Per-class scores as columns digit, precision, recall, f1: one row per digit (an MLflow table)."""
+    rows = sorted(metrics["per_class"].items(), key=lambda item: int(item[0]))
+    return {"digit": [int(digit) for digit, _ in rows],
+            **{name: [scores[name] for _, scores in rows] for name in ("precision", "recall", "f1")}}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
@@ -40,6 +41,7 @@ def registry_uri() -> str:
 
 def configure_tracking() -> str:
     """Point MLflow at the project's store (creating the embedded one) and return the URI."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # works offline: no usage reports sent out
     import mlflow
 
     uri = tracking_uri()
@@ -59,15 +61,18 @@ def ensure_experiment(name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     uri = configure_tracking()
-    if _is_remote(uri) and not uri.startswith("databricks"):
+    if is_remote(uri) and not uri.startswith("databricks"):
         check_server(uri)
     try:
         experiment = mlflow.get_experiment_by_name(name)
         if experiment is None:
-            location = None if _is_remote(uri) else default_artifact_root()
+            location = None if is_remote(uri) else default_artifact_root()
             experiment_id = mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         else:
             experiment_id = experiment.experiment_id
+            for key, value in EXPERIMENT_TAGS.items():  # experiments made before the tags existed get them too
+                if experiment.tags.get(key) != value:
+                    mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
     except MlflowException as error:
         raise PipelineError(
             f"MLflow tracking store {uri} is unreachable ({_first_line(error)}); start the server "
@@ -95,7 +100,7 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
         ) from None
 
 
-def _is_remote(uri: str) -> bool:
+def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
@@ -144,3 +149,70 @@ def flatten(prefix: str, values: dict) -> dict[str, str]:
         else:
             flat[name] = str(value)
     return flat
+
+
+# ---- what a training run records besides params and metrics ----------------------------------------
+
+SYSTEM_METRICS_INTERVAL_S = 5.0  # MLflow's 10 s default records nothing for a run shorter than that
+SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+
+
+def sample_system_metrics() -> None:
+    """Runs started with `log_system_metrics=True` sample CPU, memory and disk (`system/*` metrics)
+    every SYSTEM_METRICS_INTERVAL_S, unless MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise."""
+    import mlflow
+
+    if not os.environ.get(SYSTEM_METRICS_INTERVAL_ENV):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+
+
+def log_split(split, path: str | Path, name: str, context: str) -> None:
+    """Record a data split (`pipeline.core.data.Split`) as an input of the active run, under `name` with
+    its content digest and file: the MLflow UI's Dataset column. `context`: training, validation or testing."""
+    import mlflow
+    import mlflow.data
+
+    from pipeline.core.data import split_digest
+
+    with warnings.catch_warnings():  # a local path fits both of MLflow's local source types; either is right
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        dataset = mlflow.data.from_numpy(split.x, source=str(Path(path).resolve()), targets=split.y, name=name,
+                                         digest=split_digest(split))
+    mlflow.log_input(dataset, context=context)
+
+
+def log_table(table: dict[str, list], artifact_file: str) -> None:
+    """`mlflow.log_table` into the active run, replacing the table an earlier evaluation of the same run
+    left (MLflow would append the new rows to it)."""
+    import posixpath
+
+    import mlflow
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    run = mlflow.active_run()
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file in {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id, folder)}:
+        get_artifact_repository(run.info.artifact_uri).delete_artifacts(artifact_file)
+    mlflow.log_table(table, artifact_file)
+
+
+def log_keras_model(model, signature, input_example, name: str = "model"):
+    """`mlflow.keras.log_model(model, name, signature, input_example)`, returning its ModelInfo.
+
+    MLflow's Keras flavor (3.17 and earlier) writes `input_example.json` before it creates the model
+    folder, so logging an example fails (mlflow/mlflow#16183); this flavor creates the folder first.
+    """
+    import types
+
+    import mlflow.keras
+    from mlflow.models import Model
+
+    def save_model(path: str, **kwargs) -> None:
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+
+    flavor = types.SimpleNamespace(__name__=mlflow.keras.__name__, save_model=save_model)
+    with warnings.catch_warnings():  # MLflow checks the example by predicting it as a bare array, which Keras
+        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")  # takes, warning
+        return Model.log(artifact_path=None, name=name, flavor=flavor, model=model, signature=signature,
+                         input_example=input_example)

@@ -94,6 +94,7 @@ class Objective:
                 mlflow.set_tags({"optuna.state": "PRUNED", "epochs_run": str(len(history))})
                 mlflow.log_metric("trial_seconds", time.perf_counter() - started)
                 log.info("trial %d pruned after %d epochs", trial.number, len(history))
+                mlflow.end_run()  # FINISHED, not the FAILED the `with` gives an exception: pruning is no failure
                 raise
             except Exception:
                 mlflow.set_tag("optuna.state", "FAIL")

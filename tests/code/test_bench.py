@@ -18,7 +18,6 @@ from bench.report import pruning_markdown, train_markdown
 from bench.training import default_dtype_policy, first_reaching, inference_throughput, ratio, threshold_key
 from pipeline.core.config import Recipe, load_params
 from pipeline.core.data import Split, stratified_take
-from tests.helpers import make_recipe
 from tests.conftest import REPO_ROOT
 
 

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from pipeline.core.scoring import classification_metrics, confusion, flat_metrics, log_loss, worst_mistakes
+from pipeline.core.scoring import (
+    classification_metrics,
+    confusion,
+    flat_metrics,
+    log_loss,
+    per_class_table,
+    worst_mistakes,
+)
 
 
 def one_hot_probabilities(labels, confidence=0.9):
@@ -29,7 +36,19 @@ def test_metrics_on_a_known_case():
     expected_macro_f1 = (2 * 1 * 0.5 / 1.5 + 2 * (2 / 3) * 1 / (5 / 3) + 8) / 10
     assert metrics["macro_f1"] == pytest.approx(expected_macro_f1)
     flat = flat_metrics(metrics)
-    assert flat["test_accuracy"] == pytest.approx(0.95) and "test_recall_0" in flat
+    assert flat["test_accuracy"] == pytest.approx(0.95) and flat["test_macro_f1"] == pytest.approx(expected_macro_f1)
+    assert not any(key.endswith(tuple(f"_{digit}" for digit in range(10))) for key in flat)  # per class: one table
+
+
+def test_per_class_table_has_one_row_per_digit_in_order():
+    y_true = np.repeat(np.arange(10), 2)
+    y_pred = y_true.copy()
+    y_pred[0] = 1
+    table = per_class_table(classification_metrics(y_true, one_hot_probabilities(y_pred)))
+    assert list(table) == ["digit", "precision", "recall", "f1"]
+    assert table["digit"] == list(range(10))
+    assert table["recall"][0] == pytest.approx(0.5) and table["precision"][1] == pytest.approx(2 / 3)
+    assert table["f1"][2:] == [1.0] * 8
 
 
 def test_log_loss_matches_definition():

@@ -6,6 +6,7 @@ import json
 import os
 import sqlite3
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +127,49 @@ def test_evaluate_param_reruns_only_evaluate_without_a_duplicate_version(tiny_pr
     assert ran == ["Running stage 'evaluate':"]
     assert len(mlflow_client(tiny_project).search_model_versions("name='mnist-cnn'")) == 1
     dvc("repro", project=tiny_project)  # back in step with the original params
+
+
+def test_training_run_records_its_data_sets_system_metrics_per_class_table_and_input_example(tiny_project, tmp_path):
+    """What the MLflow UI shows of a training run: the splits in its Dataset column (train and val from
+    train, test from evaluate, with content digests), `system/*` metrics, the per-class scores as one
+    table, and the logged model's input example. (Runs after the test that re-runs evaluate on the
+    same run, so the table and the test input are also checked not to double.)"""
+    import mlflow
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    from pipeline.core.data import load_split, split_digest
+    from pipeline.core.model import model_signature
+
+    client = mlflow_client(tiny_project)
+    record = json.loads((tiny_project / "models" / "train_run.json").read_text())
+    run = client.get_run(record["run_id"])
+    (listed,) = client.search_runs([run.info.experiment_id], f"attributes.run_id = '{run.info.run_id}'")
+    for inputs in (run.inputs.dataset_inputs, listed.inputs.dataset_inputs):  # the run page, the runs table
+        logged = {(i.dataset.name, {t.key: t.value for t in i.tags}["mlflow.data.context"]): i.dataset for i in inputs}
+        assert sorted(logged) == [("mnist-test", "testing"), ("mnist-train", "training"), ("mnist-val", "validation")]
+        for (name, _), dataset in logged.items():
+            split_file = tiny_project / "data" / "prepared" / f"{name.removeprefix('mnist-')}.npz"
+            assert dataset.digest == split_digest(load_split(split_file))
+            assert Path(json.loads(dataset.source)["uri"]) == split_file.resolve()
+
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics)
+    assert "test_accuracy" in run.data.metrics and "test_precision_3" not in run.data.metrics
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "per_class.json", str(tmp_path))).read_text())
+    assert table["columns"] == ["digit", "precision", "recall", "f1"]
+    assert [row[0] for row in table["data"]] == list(range(10))
+    per_class = json.loads((tiny_project / "metrics" / "per_class.json").read_text())
+    assert table["data"][3][1] == pytest.approx(per_class["3"]["precision"])
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(record["model_uri"], dst_path=str(tmp_path / "model")))
+    assert (model_dir / "input_example.json").is_file()
+    logged_model = Model.load(model_dir)
+    assert logged_model.signature == model_signature()
+    example = np.asarray(logged_model.load_input_example(model_dir)["pixels"])
+    val = load_split(tiny_project / "data" / "prepared" / "val.npz")
+    assert example.shape == (3, 28, 28, 1) and np.array_equal(example[..., 0], val.x[:3])  # real digits
+    probabilities = mlflow.pyfunc.load_model(record["model_uri"]).predict(example.astype(np.float32))
+    assert np.asarray(probabilities).shape == (3, 10)  # the example passes the signature's checks
 
 
 def test_info_prints_absolute_locations(tiny_project):

@@ -144,13 +144,12 @@ def test_a_bad_trial_is_pruned(tmp_path_factory):
     """Trial 0 learns; trial 1's divergent learning rate is cut by successive halving at its first rung."""
     project = prepared_project(tmp_path_factory, **{
         "tune.pruner": "successive_halving", "tune.epochs": 3, "tune.enqueue_preset": False,
-        "tune.space": {"learning_rate": {"low": 0.0001, "high": 1.0, "log": True},
-                       "optimizer": {"choices": ["adam", "sgd"]}}})
+        "tune.space": {"learning_rate": {"low": 0.0001, "high": 1.0, "log": True}}})
     (project / "studies").mkdir()
     storage = f"sqlite:///{project / 'studies' / 'optuna.db'}"
     study = optuna.create_study(study_name=current_study_name(project), storage=storage, direction="maximize")
-    study.enqueue_trial({"learning_rate": 0.001, "optimizer": "adam"})
-    study.enqueue_trial({"learning_rate": 1.0, "optimizer": "sgd"})
+    study.enqueue_trial({"learning_rate": 0.001})
+    study.enqueue_trial({"learning_rate": 1.0})  # (presets allow adam and adamw only, no longer sgd)
     run([sys.executable, "-m", "pipeline.tune"], project)
     states = study_states(project)
     assert states == ["COMPLETE", "PRUNED"]
@@ -159,6 +158,51 @@ def test_a_bad_trial_is_pruned(tmp_path_factory):
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlruns' / 'mlflow.db'}")
     pruned = mlflow.search_runs(experiment_names=["mnist"], filter_string="tags.`optuna.state` = 'PRUNED'")
     assert len(pruned) == 1 and int(pruned.iloc[0]["tags.epochs_run"]) < 3  # cut before its last epoch
+    assert pruned.iloc[0]["status"] == "FINISHED"  # not shown as a failed run
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_pruned_trial_runs_end_finished_and_failed_ones_failed(tmp_path, monkeypatch):
+    """Pruning is Optuna's decision, not a failure: a pruned trial's MLflow run ends FINISHED (tagged
+    PRUNED), while a trial that raises ends FAILED. Real Keras trials on a few random images, an
+    in-memory study and a SQLite MLflow store in tmp_path."""
+    import mlflow
+    import numpy as np
+
+    from pipeline.tuning.objective import Objective
+    from tests.helpers import params_with
+
+    params = params_with({"train": {"preset": "reference"},
+                          "tune": {"base_preset": "reference", "epochs": 2, "space": {"dropout": {"low": 0.0, "high": 0.3}}}})
+    rng = np.random.default_rng(0)
+    data = {"x_train": rng.integers(0, 256, (64, 28, 28, 1)).astype(np.float32), "y_train": rng.integers(0, 10, 64),
+            "x_val": rng.integers(0, 256, (32, 28, 28, 1)).astype(np.float32), "y_val": rng.integers(0, 10, 32)}
+    broken = {**data, "x_val": data["x_val"][:, :20]}  # images of the wrong size: the trial raises
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = mlflow.create_experiment("trials", artifact_location=(tmp_path / "artifacts").as_uri())
+        mlflow.set_experiment(experiment_id=experiment_id)
+        study = optuna.create_study(direction="maximize", pruner=AlwaysPrune())
+        with mlflow.start_run(run_name="study") as parent:  # trials nest in it, as in a tuning session
+            study.optimize(Objective(params, data, parent.info.run_id), n_trials=1)
+            assert mlflow.active_run().info.run_id == parent.info.run_id  # the pruned trial ended its own run only
+            study.optimize(Objective(params, broken, parent.info.run_id), n_trials=1, catch=(Exception,))
+        runs = {run.data.tags.get("optuna.trial", "parent"): run
+                for run in mlflow.search_runs([experiment_id], output_format="list")}
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert [trial.state.name for trial in study.trials] == ["PRUNED", "FAIL"]
+    assert runs["parent"].info.status == "FINISHED"
+    assert runs["0"].data.tags["mlflow.parentRunId"] == runs["1"].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (runs["0"].info.status, runs["0"].data.tags["optuna.state"]) == ("FINISHED", "PRUNED")
+    assert runs["0"].data.tags["epochs_run"] == "1"
+    assert (runs["1"].info.status, runs["1"].data.tags["optuna.state"]) == ("FAILED", "FAIL")
 
 
 def test_changing_the_search_space_starts_a_new_study(resumed_project):
