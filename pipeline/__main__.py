@@ -10,7 +10,7 @@ import importlib
 import os
 import sys
 
-from pipeline.core.errors import exit_on_user_error
+from pipeline.core.errors import exit_on_user_error, redact
 
 # command -> ("module:function", help)
 COMMANDS = {
@@ -54,7 +54,7 @@ def info_lines(params_path: str = "params.yaml") -> list[str]:
 @exit_on_user_error
 def info_main(argv: list[str] | None = None) -> int:
     argparse.ArgumentParser(prog="python -m pipeline info", description=COMMANDS["info"][1]).parse_args(argv)
-    print("\n".join(info_lines()))
+    print(redact("\n".join(info_lines())))
     return 0
 
 

@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 
-from pipeline.core.config import Params, load_stage_params
+from pipeline.core.config import Params, load_stage_params, require_shared_storage
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.paths import staged_outputs
 from pipeline.core.runtime import setup_logging, setup_tensorflow
@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     validate_space(params.presets[params.tune.base_preset], params.tune.space)
     if args.more < 0 or args.workers < 0:
         raise PipelineError("--more and --workers take positive numbers")
+    try:
+        require_shared_storage(params.tune.storage, args.workers, "--workers")
+    except ValueError as error:
+        raise PipelineError(str(error)) from None
     runtime = params.runtime
     if args.threads:
         runtime = runtime.model_copy(update={"intra_op_threads": args.threads, "inter_op_threads": 1})

@@ -141,6 +141,13 @@ class Choice(_Strict):
 SearchDimension = FloatRange | IntRange | Choice
 
 
+def require_shared_storage(storage: str, workers: int, key: str) -> None:
+    """Several workers need a database server: SQLite locks the whole file for every write."""
+    if workers > 1 and storage.startswith("sqlite"):
+        raise ValueError(f"{key}={workers} needs a shared database server, not SQLite; set tune.storage to a "
+                         "PostgreSQL URL such as postgresql+psycopg://user@host/optuna, or use one worker")
+
+
 class TuneParams(_Strict):
     base_preset: str
     storage: str
@@ -156,6 +163,14 @@ class TuneParams(_Strict):
     heartbeat_interval_s: PositiveInt  # a running trial's worker beats this often ...
     grace_period_s: PositiveInt  # ... and its trial is failed (and retried once) after this long silent
     space: dict[str, SearchDimension]
+
+    @model_validator(mode="after")
+    def _workable_study(self) -> "TuneParams":
+        if self.grace_period_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(f"grace_period_s ({self.grace_period_s}) must be at least twice heartbeat_interval_s "
+                             f"({self.heartbeat_interval_s}), or live trials are failed as dead; raise grace_period_s")
+        require_shared_storage(self.storage, self.workers, "tune.workers")
+        return self
 
     @model_validator(mode="after")
     def _space_keys_are_recipe_fields(self) -> "TuneParams":

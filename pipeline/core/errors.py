@@ -4,11 +4,31 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+# `scheme://user:password@host` in any text: the password part, up to the `@`
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^/:@\s]*:)(?P<password>[^@\s/]+)@")
+
+
+def redact(text: str) -> str:
+    """`text` with every password in a URL replaced by `***` (storage and tracking URLs may hold one)."""
+    return _URL_PASSWORD.sub(lambda match: f"{match['head']}***@", str(text))
+
+
+class RedactingFilter(logging.Filter):
+    """Masks URL passwords in every log record a handler writes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _URL_PASSWORD.search(message):
+            record.msg, record.args = redact(message), None
+        return True
 
 
 class PipelineError(Exception):
@@ -24,7 +44,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except PipelineError as error:
             logging.getLogger("pipeline").debug("user error", exc_info=True)
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {redact(str(error))}", file=sys.stderr)
             raise SystemExit(2) from None
         except KeyboardInterrupt:
             print("error: interrupted; outputs of this stage were not written", file=sys.stderr)

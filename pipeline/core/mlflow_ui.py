@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core import tracking
-from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.errors import PipelineError, exit_on_user_error, redact
 
 SQLITE_PREFIX = "sqlite:///"
 
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     store_uri = tracking.tracking_uri()
     if tracking.is_remote(store_uri):
-        print(f"the project tracks to the MLflow server {store_uri}: open it there")
+        print(f"the project tracks to the MLflow server {redact(store_uri)}: open it there")
         return 0
     require_store(store_uri)
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {store_uri}); Ctrl-C stops it", flush=True)
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {redact(store_uri)}); Ctrl-C stops it", flush=True)
     command = ui_command(store_uri, args.host, args.port)
     os.execv(command[0], command)  # the UI takes over this process: Ctrl-C and signals reach it directly
     return 0  # not reached

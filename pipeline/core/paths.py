@@ -65,15 +65,25 @@ def overlap(a: str, b: str) -> bool:
     return first == second or first.is_relative_to(second) or second.is_relative_to(first)
 
 
-def clean_staging(folders: list[Path]) -> list[Path]:
-    """Remove the staging folders a killed stage left beside its outputs (only ours: a folder with the
-    `.staging-` prefix that `Staging` made)."""
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def clean_staging(folder: Path) -> list[Path]:
+    """Remove the staging folders that killed stages left in `folder`: only ours (`.staging-<pid>-...`,
+    made by `Staging`) and only those whose process is gone."""
     removed = []
-    for folder in folders:
-        for leftover in folder.glob(f"{STAGING_PREFIX}*") if folder.is_dir() else []:
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover)
-                removed.append(leftover)
+    for leftover in folder.glob(f"{STAGING_PREFIX}*-*") if folder.is_dir() else []:
+        owner = leftover.name.removeprefix(STAGING_PREFIX).split("-", 1)[0]
+        if leftover.is_dir() and not leftover.is_symlink() and owner.isdigit() and not process_alive(int(owner)):
+            shutil.rmtree(leftover)
+            removed.append(leftover)
     return removed
 
 
@@ -92,7 +102,9 @@ class Staging:
         if target not in self.pending:
             if target.parent not in self.folders:
                 target.parent.mkdir(parents=True, exist_ok=True)
-                self.folders[target.parent] = Path(tempfile.mkdtemp(dir=target.parent, prefix=STAGING_PREFIX))
+                clean_staging(target.parent)  # a killed run's leftovers go before this run stages anything
+                self.folders[target.parent] = Path(tempfile.mkdtemp(dir=target.parent,
+                                                                    prefix=f"{STAGING_PREFIX}{os.getpid()}-"))
             self.pending[target] = self.folders[target.parent] / target.name
         return self.pending[target]
 

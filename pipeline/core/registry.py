@@ -86,24 +86,46 @@ def promotion_lock(model_name: str, timeout_s: float = 120.0):
         raise PipelineError(f"another promotion of {model_name} holds {lock.lock_file}; retry when it ends") from None
 
 
+def is_not_found(error: Exception) -> bool:
+    """MLflow's answer for a model or alias that does not exist (and only that)."""
+    code = getattr(error, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (code == "INVALID_PARAMETER_VALUE" and "not found" in str(error))
+
+
+def store_failure(action: str, error: Exception) -> PipelineError:
+    """One line for a registry that did not answer as it should: nothing is decided on a guess."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return PipelineError(f"the model registry failed while {action} ({type(error).__name__}: {first}); nothing more "
+                         "was changed: retry when the tracking store answers")
+
+
+@contextlib.contextmanager
+def registry_calls(action: str):
+    """Turn any store error (MLflow's, a database's, a connection's) into `store_failure`."""
+    try:
+        yield
+    except PipelineError:
+        raise
+    except Exception as error:  # sqlalchemy, requests and MLflow errors alike: none of them means "absent"
+        raise store_failure(action, error) from None
+
+
 def alias_version(mlflow_client, model_name: str, alias: str):
-    """The model version holding `alias`, or None."""
+    """The model version holding `alias`; None only when the store says there is none."""
     from mlflow.exceptions import MlflowException
 
     try:
         return mlflow_client.get_model_version_by_alias(model_name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if is_not_found(error):
+            return None
+        raise store_failure(f"reading the {alias} alias", error) from None
 
 
 def find_version_for_run(mlflow_client, model_name: str, run_id: str):
     """An existing version registered from this run (re-evaluating must not add duplicates)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
+    with registry_calls("looking for the run's version"):
         versions = mlflow_client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
-    except MlflowException:
-        return None
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
@@ -113,11 +135,12 @@ def register(model_uri: str, model_name: str, run_id: str, tags: dict[str, str])
 
     mlflow_client = client()
     version = find_version_for_run(mlflow_client, model_name, run_id)
-    if version is None:
-        version = mlflow.register_model(model_uri, model_name, tags=tags)
-    else:
-        for key, value in tags.items():
-            mlflow_client.set_model_version_tag(model_name, version.version, key, value)
+    with registry_calls("registering the model"):
+        if version is None:
+            version = mlflow.register_model(model_uri, model_name, tags=tags)
+        else:
+            for key, value in tags.items():
+                mlflow_client.set_model_version_tag(model_name, version.version, key, value)
     return version
 
 
@@ -135,21 +158,59 @@ def record_decision(mlflow_client, model_name: str, version: str, decision: Deci
 
 
 def champion_history(mlflow_client, model_name: str) -> list[str]:
-    tags = mlflow_client.get_registered_model(model_name).tags
+    with registry_calls("reading the champion history"):
+        tags = mlflow_client.get_registered_model(model_name).tags
     return [v for v in tags.get(CHAMPION_HISTORY_TAG, "").split(",") if v]
 
 
-def move_champion(mlflow_client, model_name: str, version: str) -> None:
-    """Point `champion` at `version` and append it to the history that rollback walks back."""
+def write_aliases(mlflow_client, model_name: str, aliases: dict[str, str], history: list[str] | None = None) -> None:
+    """Point `aliases` at their versions, and set the champion history, as one unit.
+
+    The history goes first, so a crash between writes never drops a champion from it. When a write
+    fails, the writes before it are undone: champion, challenger and history stay as they were."""
+    with registry_calls("reading the aliases"):
+        model = mlflow_client.get_registered_model(model_name)
+    before_aliases, before_history = dict(model.aliases or {}), (model.tags or {}).get(CHAMPION_HISTORY_TAG)
+
+    def set_history(value):
+        if value is None:
+            mlflow_client.delete_registered_model_tag(model_name, CHAMPION_HISTORY_TAG)
+        else:
+            mlflow_client.set_registered_model_tag(model_name, CHAMPION_HISTORY_TAG, value)
+
+    def set_alias(alias, version):
+        if version is None:
+            mlflow_client.delete_registered_model_alias(model_name, alias)
+        else:
+            mlflow_client.set_registered_model_alias(model_name, alias, str(version))
+
+    steps = [] if history is None else [(lambda: set_history(",".join(history)), lambda: set_history(before_history))]
+    for alias, version in aliases.items():
+        previous = before_aliases.get(alias)
+        steps.append((lambda a=alias, v=version: set_alias(a, v), lambda a=alias, v=previous: set_alias(a, v)))
+    done = []
+    try:
+        for write, undo in steps:
+            write()
+            done.append(undo)
+    except Exception as error:
+        for undo in reversed(done):
+            try:
+                undo()
+            except Exception:  # the store is down: the error below says to retry
+                log.warning("could not undo an alias write of %s after a store error", model_name)
+        raise store_failure("writing the aliases", error) from None
+
+
+def champion_writes(mlflow_client, model_name: str, version: str) -> tuple[dict[str, str], list[str] | None]:
+    """The champion alias and history that make `version` champion (nothing when it already is)."""
     current = alias_version(mlflow_client, model_name, CHAMPION)
     if current is not None and str(current.version) == str(version):
-        return
+        return {}, None
     history = champion_history(mlflow_client, model_name)
     if current is not None and (not history or history[-1] != str(current.version)):
         history.append(str(current.version))
-    history.append(str(version))
-    mlflow_client.set_registered_model_alias(model_name, CHAMPION, str(version))
-    mlflow_client.set_registered_model_tag(model_name, CHAMPION_HISTORY_TAG, ",".join(history))
+    return {CHAMPION: str(version)}, [*history, str(version)]
 
 
 def rollback_champion(mlflow_client, model_name: str) -> tuple[str, str]:
@@ -164,9 +225,9 @@ def rollback_champion(mlflow_client, model_name: str) -> tuple[str, str]:
         if not history:
             raise PipelineError(f"{model_name} v{current.version} is the first champion; nothing to roll back to")
         previous = history[-1]
-        mlflow_client.set_registered_model_alias(model_name, CHAMPION, previous)
-        mlflow_client.set_registered_model_tag(model_name, CHAMPION_HISTORY_TAG, ",".join(history))
-        mlflow_client.set_model_version_tag(model_name, str(current.version), "validation_status", "rolled_back")
+        write_aliases(mlflow_client, model_name, {CHAMPION: previous}, history)
+        with registry_calls("marking the rolled-back version"):
+            mlflow_client.set_model_version_tag(model_name, str(current.version), "validation_status", "rolled_back")
         return str(current.version), previous
 
 
@@ -178,8 +239,9 @@ def champion_accuracy(mlflow_client, model_name: str, champion, test_digest: str
         return float(tags["test_accuracy"])
     log.info("test data changed since v%s was scored; re-scoring the champion", champion.version)
     accuracy = float(score(f"models:/{model_name}/{champion.version}"))
-    mlflow_client.set_model_version_tag(model_name, champion.version, "test_accuracy", f"{accuracy:.6f}")
-    mlflow_client.set_model_version_tag(model_name, champion.version, "test_data_sha256", test_digest)
+    with registry_calls("recording the re-scored accuracy"):
+        mlflow_client.set_model_version_tag(model_name, champion.version, "test_accuracy", f"{accuracy:.6f}")
+        mlflow_client.set_model_version_tag(model_name, champion.version, "test_data_sha256", test_digest)
     return accuracy
 
 
@@ -188,6 +250,8 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
 
     The decision and the metrics compared are written to the version's tags. Under the lock the
     champion is re-read, so racing promotions each compare against the real current champion.
+    Everything is read and decided before the first write; a store error at any call stops with
+    one line (`store_failure`), never with a guess that there is no champion.
     """
     mlflow_client = client()
     with promotion_lock(model_name):
@@ -195,11 +259,13 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
 
         try:
             candidate = mlflow_client.get_model_version(model_name, str(version))
-        except MlflowException:
-            raise PipelineError(f"{model_name} has no version {version}; list them with `python -m pipeline registry`") from None
+        except MlflowException as error:
+            if is_not_found(error):
+                raise PipelineError(f"{model_name} has no version {version}; list them with "
+                                    "`python -m pipeline registry`") from None
+            raise store_failure(f"reading version {version}", error) from None
         candidate_accuracy = champion_accuracy(mlflow_client, model_name, candidate, test_digest, score)
         champion = alias_version(mlflow_client, model_name, CHAMPION)
-        mlflow_client.set_registered_model_alias(model_name, CHALLENGER, str(version))
         if champion is not None and str(champion.version) == str(version):
             decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
         else:
@@ -208,9 +274,10 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
             if force and not decision.promote:
                 decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
         extra = {"compared_champion_version": "none" if champion is None else str(champion.version)}
-        record_decision(mlflow_client, model_name, str(version), decision, extra)
-        if decision.promote:
-            move_champion(mlflow_client, model_name, str(version))
+        aliases, history = champion_writes(mlflow_client, model_name, str(version)) if decision.promote else ({}, None)
+        with registry_calls("recording the decision"):
+            record_decision(mlflow_client, model_name, str(version), decision, extra)
+        write_aliases(mlflow_client, model_name, {**aliases, CHALLENGER: str(version)}, history)
     log.info("v%s %s: %s", version, decision.status, decision.reason)
     return decision
 

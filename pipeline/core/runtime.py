@@ -7,10 +7,14 @@ import os
 import random
 
 from pipeline.core.config import RuntimeParams
+from pipeline.core.errors import RedactingFilter
 
 
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:  # URL passwords never reach a log line
+        if not any(isinstance(existing, RedactingFilter) for existing in handler.filters):
+            handler.addFilter(RedactingFilter())
     quiet_library_warnings()
 
 

@@ -21,7 +21,7 @@ from typing import Any
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.errors import PipelineError, exit_on_user_error, redact
 from pipeline.core.registry import champion_uri
 from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.predict import (
@@ -134,7 +134,7 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.errorhandler(PipelineError)
     def model_unavailable(error: PipelineError) -> Any:
         log.error("%s", error)
-        return jsonify(error=str(error)), 503
+        return jsonify(error=redact(str(error))), 503
 
     @app.errorhandler(413)
     def too_large(_: HTTPException) -> Any:

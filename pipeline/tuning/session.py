@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline.core.config import Params, params_hash
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, redact
 from pipeline.tuning.objective import Objective, tuning_data
 from pipeline.tuning.space import baseline_params
 from pipeline.tuning.study import (
@@ -79,7 +79,7 @@ def run_session(params: Params, n_trials: int, timeout_s: int | None = None, stu
     budget = finished_trials(study) + n_trials
     with mlflow.start_run(run_name=f"study {study.study_name}",
                           tags={**tracking.run_tags("tune-study", params_hash(params)),
-                                "optuna.study": study.study_name, "optuna.storage": tune.storage}) as parent:
+                                "optuna.study": study.study_name, "optuna.storage": redact(tune.storage)}) as parent:
         mlflow.log_params({"n_trials": n_trials, "pruner": tune.pruner, "tune_epochs": tune.epochs,
                            "train_images": tune.train_images, "val_images": tune.val_images, "workers": workers,
                            "base_preset": tune.base_preset, "space": json.dumps(

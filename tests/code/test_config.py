@@ -25,6 +25,8 @@ def test_repository_params_parse(repo_root):
         ({"presets": {"fast": {"warmup": None}}}, "onecycle needs warmup"),
         ({"presets": {"accurate": {"weight_decay": 0.0}}}, "adamw needs weight_decay"),
         ({"presets": {"fast": {"optimizer": "sgd"}}}, "presets.fast.optimizer"),
+        ({"tune": {"heartbeat_interval_s": 10, "grace_period_s": 15}}, "must be at least twice heartbeat_interval_s"),
+        ({"tune": {"workers": 2}}, "tune.workers=2 needs a shared database server, not SQLite"),
         ({"presets": {"fast": {"dropout": 1.5}}, "train": {"preset": "fast"}, "tune": {"base_preset": "fast"}},
          "presets.fast.dropout"),
         ({"fetch": {"sources": ["ftp"]}}, "fetch.sources.0"),

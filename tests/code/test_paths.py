@@ -71,10 +71,18 @@ def test_a_folder_in_an_outputs_place_is_refused_and_kept(scratch):
 
 
 def test_leftovers_of_a_killed_stage_are_cleaned_and_nothing_else(scratch):
-    (scratch / "models").mkdir()
-    (scratch / "models" / ".staging-abc").mkdir()
-    (scratch / "models" / ".staging-abc" / "model.keras").write_text("half")
-    (scratch / "models" / ".staging-note.txt").write_text("a user's file, not a staging folder")
-    removed = clean_staging([scratch / "models"])
-    assert [p.name for p in removed] == [".staging-abc"]
-    assert (scratch / "models" / ".staging-note.txt").exists()
+    import os
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a process id that no longer runs
+    models = scratch / "models"
+    models.mkdir()
+    (models / f".staging-{gone.pid}-abc").mkdir()
+    (models / f".staging-{gone.pid}-abc" / "model.keras").write_text("half")
+    (models / f".staging-{os.getpid()}-live").mkdir()  # a running stage's: kept
+    (models / ".staging-note.txt").write_text("a user's file, not a staging folder")
+    with staged_outputs() as staging:  # the next run cleans before it stages
+        staging.path("models/model.keras").write_text("new")
+    assert sorted(p.name for p in models.iterdir()) == [f".staging-{os.getpid()}-live", ".staging-note.txt", "model.keras"]
+    assert clean_staging(models) == []
