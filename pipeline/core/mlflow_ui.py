@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core import tracking
+from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError, exit_on_user_error, redact
 
 SQLITE_PREFIX = "sqlite:///"
@@ -19,6 +20,18 @@ SQLITE_PREFIX = "sqlite:///"
 
 def ui_command(store_uri: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri, "--host", host, "--port", str(port)]
+
+
+def training_runs_url(base: str, experiment_id: str | None) -> str:
+    """The experiment's runs in MLflow's "Model training" view (a plain link opens the GenAI view)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning" if experiment_id else base
+
+
+def experiment_id(store_uri: str, name: str) -> str | None:
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(tracking_uri=store_uri).get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else None
 
 
 def require_store(store_uri: str) -> None:
@@ -39,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the project tracks to the MLflow server {redact(store_uri)}: open it there")
         return 0
     require_store(store_uri)
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {redact(store_uri)}); Ctrl-C stops it", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    runs = training_runs_url(base, experiment_id(store_uri, load_params().tracking.experiment))
+    print(f"MLflow UI on {base} (store {redact(store_uri)}); the training runs: {runs}; Ctrl-C stops it", flush=True)
     command = ui_command(store_uri, args.host, args.port)
     os.execv(command[0], command)  # the UI takes over this process: Ctrl-C and signals reach it directly
     return 0  # not reached

@@ -60,6 +60,7 @@ def test_ui_serves_the_project_store_from_a_subfolder(tiny_project):
     finally:
         output = stop(ui)
     assert f"MLflow UI on http://127.0.0.1:{port}" in output and str(tiny_project / "mlruns" / "mlflow.db") in output
+    assert f"/#/experiments/{experiment['experiment_id']}/runs?workflowType=machine_learning" in output
 
 
 def test_ui_without_a_store_says_so_in_one_line(tmp_path):

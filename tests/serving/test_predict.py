@@ -289,3 +289,19 @@ def test_score_folder(tiny_model_path, tmp_path):
     assert score["count"] == 3
     assert score["by_label"]["3"] == 0.0, "an unreadable picture counts as wrong"
     assert score["accuracy"] == pytest.approx(sum(score["by_label"].values()) / 3)
+
+
+def test_prediction_sheet_shows_the_true_label_and_marks_mistakes(tiny_model_path, tmp_path):
+    folder = tmp_path / "set"
+    folder.mkdir()
+    seven().save(folder / "0000_7.png")
+    seven().save(folder / "0001_2.png")  # labelled 2: whatever the model says, one of the two is a mistake
+    (folder / handwriting.LABELS_FILE).write_text(
+        "file,label,source,polarity\n0000_7.png,7,test,dark-on-light\n0001_2.png,2,test,dark-on-light\n")
+    figure = handwriting.prediction_sheet(load_model(str(tiny_model_path)), folder, count=2, columns=2)
+    titles = [axis.get_title() for axis in figure.axes[:2]]
+    assert titles[0].startswith("true 7 → ") and titles[1].startswith("true 2 → ")
+    marked = [title.endswith("✗") for title in titles]
+    assert marked.count(True) >= 1
+    for axis, wrong in zip(figure.axes[:2], marked):
+        assert (axis.title.get_color() == "red") == wrong
