@@ -67,8 +67,13 @@ def client():
 
     from pipeline.core.tracking import configure_tracking
 
-    configure_tracking()
-    return MlflowClient()
+    uri = configure_tracking()
+    try:
+        return MlflowClient()
+    except Exception as error:  # an unreachable database fails here, as sqlalchemy's error
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise PipelineError(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {first}); start "
+                            "it, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
 
 
 @contextlib.contextmanager
@@ -289,12 +294,15 @@ def version_rows(model_name: str) -> list[dict[str, str]]:
 
     try:
         model = mlflow_client.get_registered_model(model_name)
-    except MlflowException:
-        raise PipelineError(f"no registered model {model_name!r} yet; run `dvc repro` to train and register one") from None
+    except MlflowException as error:
+        if is_not_found(error):
+            raise PipelineError(f"no registered model {model_name!r} yet; run `dvc repro` to train and register one") from None
+        raise store_failure("listing the versions", error) from None
     aliases: dict[str, list[str]] = {}
     for alias, version in (model.aliases or {}).items():
         aliases.setdefault(str(version), []).append(alias)
-    versions = mlflow_client.search_model_versions(f"name='{model_name}'")
+    with registry_calls("listing the versions"):
+        versions = mlflow_client.search_model_versions(f"name='{model_name}'")
     rows = []
     for version in sorted(versions, key=lambda v: -int(v.version)):
         tags = version.tags or {}
