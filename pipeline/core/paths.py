@@ -147,12 +147,6 @@ def staged_outputs() -> Iterator[Staging]:
         staging.discard()
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """One output file written whole or not at all."""
-    with staged_outputs() as staging:
-        staging.path(path).write_text(text)
-
-
 def require_safe_paths(paths: dict[str, str], inputs: frozenset[str] = frozenset()) -> None:
     """Refuse, before anything is touched, an output path that is empty, the working folder or
     outside it, and any path equal to, a parent of, or inside another (each has its own);
