@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from pipeline.core import tracking
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError, exit_on_user_error, redact
-
-SQLITE_PREFIX = "sqlite:///"
-
+from pipeline.core.paths import sqlite_file
 
 def ui_command(store_uri: str, host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store_uri, "--host", host, "--port", str(port)]
@@ -36,8 +33,9 @@ def experiment_id(store_uri: str, name: str) -> str | None:
 
 def require_store(store_uri: str) -> None:
     """One error line where the embedded store does not exist yet (the UI would create an empty one)."""
-    if store_uri.startswith(SQLITE_PREFIX) and not Path(store_uri.removeprefix(SQLITE_PREFIX)).is_file():
-        raise PipelineError(f"no MLflow store at {store_uri.removeprefix(SQLITE_PREFIX)} yet; run `dvc repro` "
+    database = sqlite_file(store_uri)
+    if database is not None and not database.is_file():
+        raise PipelineError(f"no MLflow store at {database} yet; run `dvc repro` "
                             "first (it tracks every stage there)")
 
 

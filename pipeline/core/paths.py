@@ -42,6 +42,17 @@ def resolve_in_project(path: str, start: Path | None = None) -> Path:
     return candidate if candidate.is_absolute() else project_root(start) / candidate
 
 
+SQLITE_PREFIX = "sqlite:///"
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL (Optuna storage, MLflow store), a relative path resolved in the
+    user's repository (also under `dvc exp run --temp`); None for other databases."""
+    if not url.startswith(SQLITE_PREFIX):
+        return None
+    return resolve_in_project(url.removeprefix(SQLITE_PREFIX))
+
+
 def path_problem(path: str) -> str | None:
     """Why `path` cannot be an output of a stage run in the working folder, or None.
 

@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.core.errors import PipelineError
-from pipeline.core.paths import project_root
+from pipeline.core.paths import SQLITE_PREFIX, project_root, sqlite_file
 
 log = logging.getLogger("pipeline.core.tracking")
 
@@ -24,7 +24,7 @@ EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the U
 
 
 def default_tracking_uri(root: Path | None = None) -> str:
-    return f"sqlite:///{(root or project_root()) / STORE_DIR / 'mlflow.db'}"
+    return f"{SQLITE_PREFIX}{(root or project_root()) / STORE_DIR / 'mlflow.db'}"
 
 
 def default_artifact_root(root: Path | None = None) -> str:
@@ -45,8 +45,9 @@ def configure_tracking() -> str:
     import mlflow
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    database = sqlite_file(uri)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(registry_uri())
     return uri

@@ -14,22 +14,11 @@ from pathlib import Path
 
 from pipeline.core.config import Params, TuneParams
 from pipeline.core.errors import PipelineError
-from pipeline.core.paths import resolve_in_project
+from pipeline.core.paths import SQLITE_PREFIX, sqlite_file
 
 log = logging.getLogger("pipeline.tuning")
 
 FINISHED = ("COMPLETE", "PRUNED")
-
-
-SQLITE_PREFIX = "sqlite:///"
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a SQLite storage URL, a relative path resolved in the user's repository
-    (also under `dvc exp run --temp`); None for other databases."""
-    if not url.startswith(SQLITE_PREFIX):
-        return None
-    return resolve_in_project(url.removeprefix(SQLITE_PREFIX))
 
 
 def resolve_storage_url(url: str) -> str:
