@@ -65,14 +65,14 @@ def should_promote(candidate_accuracy: float, champion_accuracy: float | None, m
 def client():
     from mlflow import MlflowClient
 
-    from pipeline.core.tracking import configure_tracking
+    from pipeline.core.tracking import configure_tracking, first_line
 
     uri = configure_tracking()
     try:
         return MlflowClient()
     except Exception as error:  # an unreachable database fails here, as sqlalchemy's error
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-        raise PipelineError(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {first}); start "
+        raise PipelineError(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: "
+                            f"{first_line(error)}); start "
                             "it, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
 
 
@@ -99,8 +99,9 @@ def is_not_found(error: Exception) -> bool:
 
 def store_failure(action: str, error: Exception) -> PipelineError:
     """One line for a registry that did not answer as it should: nothing is decided on a guess."""
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-    return PipelineError(f"the model registry failed while {action} ({type(error).__name__}: {first}); nothing more "
+    from pipeline.core.tracking import first_line
+
+    return PipelineError(f"the model registry failed while {action} ({type(error).__name__}: {first_line(error)}); nothing more "
                          "was changed: retry when the tracking store answers")
 
 
@@ -287,20 +288,28 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
     return decision
 
 
-def version_rows(model_name: str) -> list[dict[str, str]]:
-    """One row per version, newest first: aliases, status, test metrics and DVC experiment from its tags."""
-    mlflow_client = client()
+def aliases_by_version(mlflow_client, model_name: str) -> dict[str, list[str]] | None:
+    """{version: [aliases]} of a registered model (sorted); None when the model does not exist yet."""
     from mlflow.exceptions import MlflowException
 
     try:
         model = mlflow_client.get_registered_model(model_name)
     except MlflowException as error:
         if is_not_found(error):
-            raise PipelineError(f"no registered model {model_name!r} yet; run `dvc repro` to train and register one") from None
-        raise store_failure("listing the versions", error) from None
+            return None
+        raise store_failure("reading the aliases", error) from None
     aliases: dict[str, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
+    for alias, version in sorted((model.aliases or {}).items()):
         aliases.setdefault(str(version), []).append(alias)
+    return aliases
+
+
+def version_rows(model_name: str) -> list[dict[str, str]]:
+    """One row per version, newest first: aliases, status, test metrics and DVC experiment from its tags."""
+    mlflow_client = client()
+    aliases = aliases_by_version(mlflow_client, model_name)
+    if aliases is None:
+        raise PipelineError(f"no registered model {model_name!r} yet; run `dvc repro` to train and register one")
     with registry_calls("listing the versions"):
         versions = mlflow_client.search_model_versions(f"name='{model_name}'")
     rows = []

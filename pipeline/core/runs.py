@@ -71,17 +71,11 @@ def format_runs(table: pd.DataFrame) -> str:
 
 
 def version_aliases(client, model_name: str) -> dict[str, str]:
-    """{version: "challenger,champion"} of a registered model; empty before one is registered."""
-    from mlflow.exceptions import MlflowException
+    """{version: "challenger,champion"} of a registered model; empty before one is registered (a store
+    error is one line, never "no aliases")."""
+    from pipeline.core.registry import aliases_by_version
 
-    try:
-        model = client.get_registered_model(model_name)
-    except MlflowException:
-        return {}
-    by_version: dict[str, list[str]] = {}
-    for alias, version in (model.aliases or {}).items():
-        by_version.setdefault(str(version), []).append(alias)
-    return {version: ",".join(sorted(names)) for version, names in by_version.items()}
+    return {version: ",".join(names) for version, names in (aliases_by_version(client, model_name) or {}).items()}
 
 
 def training_runs(experiment: str) -> pd.DataFrame:

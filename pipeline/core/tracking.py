@@ -76,12 +76,12 @@ def ensure_experiment(name: str) -> str:
                     mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
     except MlflowException as error:
         raise PipelineError(
-            f"MLflow tracking store {uri} is unreachable ({_first_line(error)}); start the server "
+            f"MLflow tracking store {uri} is unreachable ({first_line(error)}); start the server "
             "or unset MLFLOW_TRACKING_URI to use the embedded store"
         ) from None
     except Exception as error:  # connection errors surface as requests/sqlalchemy exceptions
         raise PipelineError(
-            f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {_first_line(error)}); "
+            f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {first_line(error)}); "
             "start the server or unset MLFLOW_TRACKING_URI to use the embedded store"
         ) from None
     mlflow.set_experiment(experiment_id=experiment_id)
@@ -105,7 +105,7 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:200]
 
