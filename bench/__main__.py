@@ -1,4 +1,4 @@
-"""`python -m bench train|pruning|workers`: run one benchmark, write <out>/<name>.json and <name>.md."""
+"""`python -m bench train|pruning|workers|serve`: run one benchmark, write <out>/<name>.json and <name>.md."""
 
 from __future__ import annotations
 
@@ -53,9 +53,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="score on a stratified subset of N test images (default 0: all)")
     train.add_argument("--inference-seconds", type=positive_float, default=2.0,
                        help="time spent timing each inference batch size per model (default 2.0)")
-    train.add_argument("--serve", action="store_true",
-                       help="also time requests to `mlflow models serve` of the registered champion")
-    train.add_argument("--serve-requests", type=positive_int, default=20, help="timed requests (default 20)")
 
     pruning = commands.add_parser("pruning", help="the tuning study with and without its pruner")
     pruning.add_argument("--trials", type=positive_int, default=None, help="trials per study (default: tune.n_trials)")
@@ -70,7 +67,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="an RDB URL both arms use, e.g. postgresql+psycopg://postgres@127.0.0.1/bench")
     workers.add_argument("--trials", type=positive_int, default=8, help="trials per arm (default 8)")
 
-    for command in (train, pruning, workers):
+    serve = commands.add_parser("serve", help="`python -m pipeline serve` vs `mlflow models serve` of the champion")
+    serve.add_argument("--requests", type=positive_int, default=300,
+                       help="timed one-image requests per server (default 300)")
+    serve.add_argument("--seconds", type=positive_float, default=15.0,
+                       help="seconds per throughput measurement (default 15)")
+
+    for command in (train, pruning, workers, serve):
         command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         command.add_argument("--out", type=Path, default=BENCH_DIR, help=f"output folder (default: {BENCH_DIR})")
     return parser.parse_args(argv)
@@ -83,12 +86,6 @@ def bench_train(args: argparse.Namespace, params) -> tuple[dict, str]:
     jobs = make_jobs(params, args.epochs_reference, args.epochs_default, args.train_limit, args.test_limit,
                      args.inference_seconds)
     record = run_train_benchmark(params, jobs)
-    if args.serve:
-        from bench.serving import measure_serving
-        from pipeline.core.data import load_split
-
-        image = load_split(params.paths.test_split).x[0]
-        record["serve"] = measure_serving(params.tracking.registered_model, image, args.serve_requests)
     return record, train_markdown(record)
 
 
@@ -109,8 +106,17 @@ def bench_workers(args: argparse.Namespace, params) -> tuple[dict, str]:
     return record, workers_markdown(record)
 
 
-BENCHMARKS = {"train": bench_train, "pruning": bench_pruning, "workers": bench_workers}
-OUTPUT_STEMS = {"train": "results", "pruning": "pruning", "workers": "workers"}
+def bench_serve(args: argparse.Namespace, params) -> tuple[dict, str]:
+    from bench.serving import run_serve_benchmark, serve_markdown
+    from pipeline.core.data import load_split
+
+    image = load_split(params.paths.test_split).x[0]
+    record = run_serve_benchmark(params.tracking.registered_model, image, args.requests, args.seconds)
+    return record, serve_markdown(record)
+
+
+BENCHMARKS = {"train": bench_train, "pruning": bench_pruning, "workers": bench_workers, "serve": bench_serve}
+OUTPUT_STEMS = {"train": "results", "pruning": "pruning", "workers": "workers", "serve": "serve"}
 
 
 @exit_on_user_error

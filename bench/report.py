@@ -82,6 +82,14 @@ def train_markdown(record: dict) -> str:
     for size, value in ratios["inference_images_per_s"].items():
         rows.append(row(f"Inference, batch {size} (images/s)",
                         lambda m, s=size: number(m["inference"][s]["images_per_s"], ",.0f"), value, True))
+    if "inference_predict_batch_1" in reference:
+        rows.append(row("`model.predict`, batch 1 (images/s)",
+                        lambda m: number(m["inference_predict_batch_1"]["images_per_s"], ",.0f")))
+        for size in ratios["inference_images_per_s"]:
+            rows.append(row(f"Served path (ONNX Runtime), batch {size} (images/s)",
+                            lambda m, s=size: number(m["inference_served"][s]["images_per_s"], ",.0f")))
+        rows.append(["Served batch 1 / reference `model.predict` batch 1", "", "",
+                     times(ratios["served_batch_1_over_reference_predict"])])
     settings = record["settings"]
     lines = [
         table(["", model_label(reference), model_label(default), "default / reference"], rows),
@@ -89,12 +97,6 @@ def train_markdown(record: dict) -> str:
         f"Trained on {settings['train_images']:,} images, scored on {settings['test_images']:,} test images after every "
         f"epoch (scoring time excluded); each model in its own process. {machine_line(record['machine'])}.",
     ]
-    serve = record.get("serve")
-    if serve and "skipped" not in serve:
-        lines += ["", f"Served champion (`{serve['model_uri']}`, version {serve['version']}), one image per request: "
-                      f"median {serve['median_ms']:.1f} ms, p95 {serve['p95_ms']:.1f} ms over {serve['requests']} requests."]
-    elif serve:
-        lines += ["", f"Serving latency not measured: {serve['skipped']}."]
     return "\n".join(lines)
 
 

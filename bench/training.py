@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -91,6 +92,17 @@ def inference_throughput(predict: Callable[[np.ndarray], object], images: np.nda
     return results
 
 
+def served_throughput(model, images: np.ndarray, batch_sizes: tuple[int, ...], min_seconds: float) -> dict[str, dict]:
+    """`inference_throughput` of the fast serving path: the model's float32 ONNX export on ONNX Runtime,
+    exactly as `serve`, `web` and `predict` run it."""
+    from pipeline.core.export import export_onnx, float32_clone
+    from pipeline.serving.classifier import OnnxClassifier
+
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as scratch:
+        classifier = OnnxClassifier(export_onnx(float32_clone(model), Path(scratch) / "model.onnx"))
+    return inference_throughput(classifier.probabilities, images, batch_sizes, min_seconds)
+
+
 # ---- the training process ------------------------------------------------------------------------
 
 def make_test_clock(x_test: np.ndarray, y_test: np.ndarray):
@@ -154,6 +166,9 @@ def run_job(job: TrainJob) -> dict:
         peak_rss_train = peak_rss_mib()
         model = inference_model(model, job.recipe)  # what train saves and serves
         inference = inference_throughput(model.predict_on_batch, x_test, job.batch_sizes, job.inference_seconds)
+        keras_predict = inference_throughput(lambda batch: model.predict(batch, verbose=0), x_test, (1,),
+                                             job.inference_seconds)["1"]
+        served = served_throughput(model, x_test, job.batch_sizes, job.inference_seconds)
         parameters = model.count_params()
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -185,6 +200,8 @@ def run_job(job: TrainJob) -> dict:
             "peak_rss_growth_training_mib": round(peak_rss_train - rss_after_setup, 1),
         },
         "inference": inference,
+        "inference_predict_batch_1": keras_predict,  # model.predict, one image per call
+        "inference_served": served,  # the ONNX file serve, web and predict run
         "threads": {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                     "inter_op": tf.config.threading.get_inter_op_parallelism_threads()},
         "versions": framework_versions(),
@@ -244,6 +261,9 @@ def compare(reference: dict, default: dict) -> dict:
                                        reference["memory"]["peak_rss_growth_training_mib"]),
         inference_images_per_s={size: ratio(default["inference"][size]["images_per_s"], row["images_per_s"])
                                 for size, row in reference["inference"].items()},
+        # the issue's yardstick: the served path at batch 1 against the reference's plain `predict`
+        served_batch_1_over_reference_predict=ratio(default["inference_served"]["1"]["images_per_s"],
+                                                    reference["inference_predict_batch_1"]["images_per_s"]),
     )
     return ratios
 

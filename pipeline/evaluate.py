@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         predict_probabilities,
         worst_mistakes,
     )
+    from pipeline.serving.classifier import verify_logged_model
     from pipeline.serving.handwriting import prediction_sheet, score_folder
 
     paths = params.paths
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split(paths.test_split)
     model = load_keras_model(Path(paths.model))
     tracking.ensure_experiment(params.tracking.experiment)
+    registry.require_promotion_lock(params.promote.lock)  # refused before any work, not after registering
 
     probabilities = predict_probabilities(model, test.x, params.evaluate.batch_size)
     y_pred = probabilities.argmax(axis=1)
@@ -93,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     digest = split_digest(test)
     mistakes = worst_mistakes(test.y, probabilities, params.evaluate.misclassified_shown)
     handwriting = score_folder(model, paths.handwriting_set)
+    model_file_tags = verify_logged_model(record["model_uri"], test.x, probabilities)  # the served copy agrees
 
     with staged_outputs() as staging:
         summary = {k: v for k, v in metrics.items() if k != "per_class"}
@@ -111,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         plots.save(prediction_sheet(model, paths.handwriting_set), staging.path(paths.handwriting_figure))
 
         with mlflow.start_run(run_id=record["run_id"]):
+            mlflow.set_tag(tracking.OWNER_TAG, tracking.process_owner())  # reopened: this process owns it now
             mlflow.log_metrics({**flat_metrics(metrics), "handwriting_accuracy": handwriting["accuracy"]})
             mlflow.log_param("test_images", len(test))
             tracking.log_split(test, paths.test_split, "mnist-test", "testing")
@@ -123,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
             version_tags = {"test_accuracy": f"{metrics['accuracy']:.6f}", "test_loss": f"{metrics['loss']:.6f}",
                             "test_macro_f1": f"{metrics['macro_f1']:.6f}", "test_data_sha256": digest,
                             "handwriting_accuracy": f"{handwriting['accuracy']:.6f}",
-                            "preset": str(record.get("preset", "")), "test_images": str(len(test)),
+                            "preset": str(record.get("preset", "")), "test_images": str(len(test)), **model_file_tags,
                             **tracking.provenance_tags(mlflow.get_run(record["run_id"]).data.tags)}
             version = registry.register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
             decision = registry.promote(params.tracking.registered_model, str(version.version),
-                                        params.promote.margin, digest, make_scorer(test, params.evaluate.batch_size))
+                                        params.promote.margin, digest, make_scorer(test, params.evaluate.batch_size),
+                                        lock_url=params.promote.lock)
             mlflow.log_dict({"version": str(version.version), "status": decision.status, "reason": decision.reason,
                              "candidate_accuracy": decision.candidate_accuracy,
                              "champion_accuracy": decision.champion_accuracy, "margin": decision.margin},

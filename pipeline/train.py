@@ -66,6 +66,18 @@ def write_history_csv(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
+def epoch_metrics(member: int, members: int, row: dict[str, float]) -> dict[str, float]:
+    """MLflow metrics for one epoch of one member (1-based): member 1's under the plain names (the run's
+    curves, the rows of `paths.history`), and with several members each member's under `member<i>/`."""
+    from pipeline.core.ensemble import member_name
+
+    values = {key: value for key, value in row.items() if key != "epoch"}
+    metrics = dict(values) if member == 1 else {}
+    if members > 1:
+        metrics.update({f"{member_name(member)}/{key}": value for key, value in values.items()})
+    return metrics
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
@@ -76,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.core import tracking
     from pipeline.core.data import load_split
+    from pipeline.core.ensemble import average_members, fit_members, member_name
+    from pipeline.core.export import float32_clone, log_keras_model
     from pipeline.core.model import as_model_input, model_signature
     from pipeline.core.plots import save, training_curves
-    from pipeline.core.training import fit
 
     paths = params.paths
     best = read_best_params(Path(paths.best_params)) if params.train.use_tuned else None
@@ -100,16 +113,33 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training preset %s for up to %d epochs on %d images: %s", params.train.preset,
                  params.train.epochs, len(train), recipe.model_dump())
         started = time.perf_counter()
-        model, history = fit(
-            recipe, params.train.epochs, params.train.patience,
+        members = params.train.members
+        models, histories = fit_members(
+            recipe, members, params.train.epochs, params.train.patience,
             as_model_input(train.x), train.y, as_model_input(val.x), val.y, params.seed,
-            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])),
+            on_epoch=lambda member, row: mlflow.log_metrics(epoch_metrics(member, members, row), step=int(row["epoch"])),
         )
         train_seconds = time.perf_counter() - started
+        history = histories[0]  # paths.history: member 1's epochs (with one member, the model's)
         best_row = max(history, key=lambda row: row["val_accuracy"])
+        model = models[0] if members == 1 else average_members(models)
         mlflow.log_metrics({"train_seconds": train_seconds, "epochs_run": len(history),
-                            "best_val_accuracy": best_row["val_accuracy"], "model_parameters": model.count_params()})
+                            "model_parameters": model.count_params(),
+                            **({"best_val_accuracy": best_row["val_accuracy"]} if members == 1 else {})})
 
+        model = float32_clone(model)  # bf16 speeds training only; scored, registered and served in float32
+        ensemble = {}
+        if members > 1:  # what the saved model scores on validation, next to each member's best epoch
+            predicted = model.predict(as_model_input(val.x), batch_size=1000, verbose=0).argmax(axis=1)
+            ensemble = {"members": members, "ensemble_val_accuracy": float((predicted == val.y).mean()),
+                        "member_val_accuracies": [max(row["val_accuracy"] for row in rows) for rows in histories],
+                        "member_epochs_run": [len(rows) for rows in histories]}
+            mlflow.log_metrics({"ensemble_val_accuracy": ensemble["ensemble_val_accuracy"],
+                                "best_val_accuracy": ensemble["ensemble_val_accuracy"],
+                                **{f"{member_name(i)}/best_val_accuracy": accuracy
+                                   for i, accuracy in enumerate(ensemble["member_val_accuracies"], start=1)},
+                                **{f"{member_name(i)}/epochs_run": epochs
+                                   for i, epochs in enumerate(ensemble["member_epochs_run"], start=1)}})
         model.save(staging.path(paths.model))
         write_history_csv(history, staging.path(paths.history))
         curves = Path(scratch) / "training_curves.png"
@@ -119,14 +149,21 @@ def main(argv: list[str] | None = None) -> int:
         # the input example: validation digits (this stage never reads the test split, so that a change
         # to the test set does not retrain)
         example = as_model_input(val.x[:INPUT_EXAMPLE_IMAGES])
-        model_info = tracking.log_keras_model(model, model_signature(), example)
+        model_info = log_keras_model(model, model_signature(), example)
         record = {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                   "model_uri": model_info.model_uri, "run_model_uri": f"runs:/{run.info.run_id}/model",
                   "preset": params.train.preset, "recipe": recipe.model_dump(), "epochs_run": len(history),
                   "train_seconds": round(train_seconds, 1), "best_val_accuracy": best_row["val_accuracy"]}
+        if ensemble:  # the ensemble's validation score is the model's
+            record.update(ensemble, best_val_accuracy=ensemble["ensemble_val_accuracy"])
         staging.path(paths.train_run).write_text(json.dumps(record, indent=2))
-    log.info("trained in %.0f s, best val_accuracy %.4f at epoch %d; MLflow run %s", train_seconds,
-             best_row["val_accuracy"], best_row["epoch"], record["run_id"])
+    if ensemble:
+        log.info("trained %d members in %.0f s, val_accuracy %s, ensemble %.4f; MLflow run %s", members, train_seconds,
+                 " ".join(f"{a:.4f}" for a in ensemble["member_val_accuracies"]), ensemble["ensemble_val_accuracy"],
+                 record["run_id"])
+    else:
+        log.info("trained in %.0f s, best val_accuracy %.4f at epoch %d; MLflow run %s", train_seconds,
+                 best_row["val_accuracy"], best_row["epoch"], record["run_id"])
     return 0
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.core.errors import PipelineError
 from pipeline.core.paths import require_safe_paths
@@ -91,6 +91,7 @@ class TrainParams(_Strict):
     use_tuned: bool  # overlay the tune stage's best params on the preset
     epochs: PositiveInt
     patience: PositiveInt  # early stopping on val_accuracy
+    members: PositiveInt  # >1: an ensemble of this many seeds (seed, seed+1, ...) saved as one averaging model
 
 
 class EvaluateParams(_Strict):
@@ -98,8 +99,21 @@ class EvaluateParams(_Strict):
     misclassified_shown: Annotated[int, Field(ge=0, le=100)]
 
 
+LOCK_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://")
+
+
 class PromoteParams(_Strict):
     margin: Annotated[float, Field(ge=0.0, le=1.0)]
+    # the promotion lock every machine shares: a PostgreSQL URL; empty: a file lock (the embedded store only)
+    lock: str
+
+    @field_validator("lock")
+    @classmethod
+    def _lock_is_postgres(cls, lock: str) -> str:
+        if lock and not lock.startswith(LOCK_URL_PREFIXES):  # the URL may hold a password: not repeated
+            raise ValueError("must be empty (a file lock, for the embedded store) or a PostgreSQL URL such as "
+                             "postgresql://user@db-host/mlflow")
+        return lock
 
 
 class TrackingParams(_Strict):

@@ -51,3 +51,9 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(130) from None
 
     return wrapper
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's first line (at most 200 characters), for one-line error messages."""
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]

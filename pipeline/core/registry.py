@@ -1,17 +1,19 @@
 """MLflow model registry: versions of `mnist-cnn`, `challenger`/`champion` aliases, promotion.
 
 Promotion is one pure decision (`decide_promotion`) plus small adapters. Aliases, never the
-deprecated stages. A file lock serialises promotions against the embedded store so two racing
-promotions always leave exactly one champion, chosen on fresh data.
+deprecated stages. A lock serialises promotions so two racing promotions always leave exactly one
+champion, chosen on fresh data: a PostgreSQL advisory lock named by `promote.lock` that every machine
+shares, or, for the embedded store only, a file lock in the project's `mlruns/`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from dataclasses import dataclass
 
-from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.errors import PipelineError, exit_on_user_error, redact
 from pipeline.core.paths import project_root
 
 log = logging.getLogger("pipeline.core.registry")
@@ -76,9 +78,76 @@ def client():
                             "it, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
 
 
+LOCK_TIMEOUT_S = 120.0  # how long a promotion waits for another one of the same model to end
+
+
+def is_shared_store(uri: str) -> bool:
+    """A registry other machines can reach (a tracking server, a database server): a file lock cannot
+    exclude their promotions. SQLite files and local folders are this machine's."""
+    from pipeline.core.tracking import is_remote
+
+    return is_remote(uri) or ("://" in uri and not uri.startswith(("sqlite:", "file:")))
+
+
+def require_promotion_lock(lock_url: str) -> None:
+    """Refuse, before anything is written, to promote against a shared registry without a shared lock."""
+    from pipeline.core.tracking import registry_uri
+
+    uri = registry_uri()
+    if not lock_url and is_shared_store(uri):
+        raise PipelineError(f"the model registry {redact(uri)} is shared, so promotions need a lock every machine "
+                            "shares: set promote.lock in params.yaml to a PostgreSQL URL (e.g. "
+                            "postgresql://user@db-host/mlflow), or unset MLFLOW_TRACKING_URI to use the embedded store")
+
+
+def advisory_lock_key(model_name: str) -> int:
+    """The 64-bit key of a model's promotion lock (PostgreSQL advisory locks are numbered)."""
+    digest = hashlib.sha256(f"mnist-pipeline promotion {model_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 @contextlib.contextmanager
-def promotion_lock(model_name: str, timeout_s: float = 120.0):
-    """Serialise alias changes of one model across processes on this machine."""
+def advisory_lock(lock_url: str, model_name: str, timeout_s: float):
+    """A PostgreSQL session advisory lock: held while this connection lives, so a killed holder
+    releases it at once."""
+    import psycopg
+
+    from pipeline.core.tracking import first_line
+
+    conninfo = lock_url.replace("postgresql+psycopg://", "postgresql://", 1).replace("postgresql+psycopg2://", "postgresql://", 1)
+    key = advisory_lock_key(model_name)
+    try:
+        connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=10,
+                                     application_name=f"mnist-pipeline promotion of {model_name}")
+    except psycopg.Error as error:
+        raise PipelineError(f"the promotion lock {redact(lock_url)} is unreachable ({type(error).__name__}: "
+                            f"{redact(first_line(error))}); start the database or fix promote.lock") from None
+    with connection:
+        try:
+            connection.execute(f"SET lock_timeout = '{int(timeout_s * 1000)}ms'")
+            connection.execute("SELECT pg_advisory_lock(%s)", (key,))
+        except psycopg.errors.LockNotAvailable:
+            raise PipelineError(f"another promotion of {model_name} held the lock in {redact(lock_url)} for "
+                                f"{timeout_s:.0f} s; retry when it ends") from None
+        except psycopg.Error as error:
+            raise PipelineError(f"the promotion lock {redact(lock_url)} failed ({type(error).__name__}: "
+                                f"{redact(first_line(error))}); retry when the database answers") from None
+        try:
+            yield
+        finally:
+            with contextlib.suppress(psycopg.Error):  # a lost connection has released the lock already
+                connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+@contextlib.contextmanager
+def promotion_lock(model_name: str, lock_url: str = "", timeout_s: float = LOCK_TIMEOUT_S):
+    """Serialise alias changes of one model: across machines with `lock_url` (a PostgreSQL advisory
+    lock), else across processes on this machine (a file lock, refused for a shared registry)."""
+    if lock_url:
+        with advisory_lock(lock_url, model_name, timeout_s):
+            yield
+        return
+    require_promotion_lock(lock_url)
     from filelock import FileLock, Timeout
 
     lock_dir = project_root() / "mlruns"
@@ -219,9 +288,9 @@ def champion_writes(mlflow_client, model_name: str, version: str) -> tuple[dict[
     return {CHAMPION: str(version)}, [*history, str(version)]
 
 
-def rollback_champion(mlflow_client, model_name: str) -> tuple[str, str]:
+def rollback_champion(mlflow_client, model_name: str, lock_url: str = "") -> tuple[str, str]:
     """Move `champion` back to the version that held it before; returns (from, to)."""
-    with promotion_lock(model_name):
+    with promotion_lock(model_name, lock_url):
         current = alias_version(mlflow_client, model_name, CHAMPION)
         if current is None:
             raise PipelineError(f"{model_name} has no champion to roll back; promote a version first")
@@ -251,16 +320,22 @@ def champion_accuracy(mlflow_client, model_name: str, champion, test_digest: str
     return accuracy
 
 
-def promote(model_name: str, version: str, margin: float, test_digest: str, score, force: bool = False) -> Decision:
+MAX_DECISIONS = 3  # a champion that changes under us this often means a promoter outside the lock
+
+
+def promote(model_name: str, version: str, margin: float, test_digest: str, score, force: bool = False,
+            lock_url: str = "") -> Decision:
     """Make `version` the challenger, then champion if it beats the champion by `margin` (or `force`).
 
-    The decision and the metrics compared are written to the version's tags. Under the lock the
-    champion is re-read, so racing promotions each compare against the real current champion.
-    Everything is read and decided before the first write; a store error at any call stops with
-    one line (`store_failure`), never with a guess that there is no champion.
+    The decision and the metrics compared are written to the version's tags. Under the lock
+    (`promotion_lock`) the champion is re-read, so racing promotions each compare against the real
+    current champion; after the writes it is read once more, and if it changed meanwhile (a promoter
+    that does not share the lock) the decision is taken again. Everything is read and decided before
+    the first write; a store error at any call stops with one line (`store_failure`), never with a
+    guess that there is no champion.
     """
     mlflow_client = client()
-    with promotion_lock(model_name):
+    with promotion_lock(model_name, lock_url):
         from mlflow.exceptions import MlflowException
 
         try:
@@ -272,20 +347,49 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
             raise store_failure(f"reading version {version}", error) from None
         candidate_accuracy = champion_accuracy(mlflow_client, model_name, candidate, test_digest, score)
         champion = alias_version(mlflow_client, model_name, CHAMPION)
-        if champion is not None and str(champion.version) == str(version):
-            decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
+        for _ in range(MAX_DECISIONS):
+            decision = decide_and_write(mlflow_client, model_name, str(version), candidate_accuracy, champion,
+                                        margin, test_digest, score, force)
+            expected = str(version) if decision.promote else None if champion is None else str(champion.version)
+            now = champion_after_write(mlflow_client, model_name)
+            if now is None or now == (expected or "none"):
+                break
+            log.warning("the champion of %s changed to v%s while v%s was promoted; deciding again", model_name, now, version)
+            champion = alias_version(mlflow_client, model_name, CHAMPION)
         else:
-            rival = None if champion is None else champion_accuracy(mlflow_client, model_name, champion, test_digest, score)
-            decision = decide_promotion(candidate_accuracy, rival, margin)
-            if force and not decision.promote:
-                decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
-        extra = {"compared_champion_version": "none" if champion is None else str(champion.version)}
-        aliases, history = champion_writes(mlflow_client, model_name, str(version)) if decision.promote else ({}, None)
-        with registry_calls("recording the decision"):
-            record_decision(mlflow_client, model_name, str(version), decision, extra)
-        write_aliases(mlflow_client, model_name, {**aliases, CHALLENGER: str(version)}, history)
+            raise PipelineError(f"the champion of {model_name} kept changing while v{version} was promoted: a promoter "
+                                "does not share this lock; give every machine the same promote.lock, then retry")
     log.info("v%s %s: %s", version, decision.status, decision.reason)
     return decision
+
+
+def decide_and_write(mlflow_client, model_name: str, version: str, candidate_accuracy: float, champion, margin: float,
+                     test_digest: str, score, force: bool) -> Decision:
+    """Decide `version` against `champion` (None: there is none), record the decision, write the aliases."""
+    if champion is not None and str(champion.version) == version:
+        decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
+    else:
+        rival = None if champion is None else champion_accuracy(mlflow_client, model_name, champion, test_digest, score)
+        decision = decide_promotion(candidate_accuracy, rival, margin)
+        if force and not decision.promote:
+            decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
+    extra = {"compared_champion_version": "none" if champion is None else str(champion.version)}
+    aliases, history = champion_writes(mlflow_client, model_name, version) if decision.promote else ({}, None)
+    with registry_calls("recording the decision"):
+        record_decision(mlflow_client, model_name, version, decision, extra)
+    write_aliases(mlflow_client, model_name, {**aliases, CHALLENGER: version}, history)
+    return decision
+
+
+def champion_after_write(mlflow_client, model_name: str) -> str | None:
+    """The champion's version ("none" when there is none) read back after a promotion's writes; None
+    when the store cannot say (the writes stand: they were complete)."""
+    try:
+        holder = alias_version(mlflow_client, model_name, CHAMPION)
+    except PipelineError as error:
+        log.warning("could not read the champion back to check for a concurrent change: %s", error)
+        return None
+    return "none" if holder is None else str(holder.version)
 
 
 def aliases_by_version(mlflow_client, model_name: str) -> dict[str, list[str]] | None:
@@ -382,7 +486,8 @@ def promote_main(argv: list[str] | None = None) -> int:
     args, params = _command("promote", "promote a registered version to champion", argv, arguments)
     name = params.tracking.registered_model
     score, digest = rescore_on_test(params)
-    decision = promote(name, args.version, params.promote.margin, digest, score, force=args.force)
+    decision = promote(name, args.version, params.promote.margin, digest, score, force=args.force,
+                       lock_url=params.promote.lock)
     print(f"{name} v{args.version}: {decision.status}: {decision.reason}")
     return 0 if decision.promote else 1
 
@@ -392,6 +497,6 @@ def rollback_main(argv: list[str] | None = None) -> int:
     """`python -m pipeline rollback`: champion back to the version that held it before."""
     _, params = _command("rollback", "move champion back to the previous champion", argv)
     name = params.tracking.registered_model
-    previous, restored = rollback_champion(client(), name)
+    previous, restored = rollback_champion(client(), name, params.promote.lock)
     print(f"{name}: champion moved back from v{previous} to v{restored}")
     return 0

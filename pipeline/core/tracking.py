@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import warnings
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line  # noqa: F401 (tracking.first_line: used by callers)
 from pipeline.core.paths import SQLITE_PREFIX, project_root, sqlite_file
 
 log = logging.getLogger("pipeline.core.tracking")
 
 STORE_DIR = "mlruns"
 RUN_KIND_TAG = "mnist.run_kind"  # train | tune-study | tune-trial: filter in the MLflow UI
+OWNER_TAG = "mnist.owner"  # <host>/<pid>/<process start time> of the process that has the run open
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}  # the UI opens on training runs
 
 
@@ -56,7 +58,8 @@ def configure_tracking() -> str:
 def ensure_experiment(name: str) -> str:
     """The experiment's id, created with an absolute artifact root for the embedded store.
 
-    Fails with one line when the store cannot be reached, before any training starts.
+    Fails with one line when the store cannot be reached, before any training starts. Runs that a
+    killed process of this machine left RUNNING are closed here, as every stage starts.
     """
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -85,6 +88,7 @@ def ensure_experiment(name: str) -> str:
             "start the server or unset MLFLOW_TRACKING_URI to use the embedded store"
         ) from None
     mlflow.set_experiment(experiment_id=experiment_id)
+    close_orphaned_runs(experiment_id)  # every stage starts here: a killed predecessor's runs end now
     return experiment_id
 
 
@@ -105,11 +109,6 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(("http://", "https://", "databricks"))
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return (text[0] if text else type(error).__name__)[:200]
-
-
 def git_commit(root: Path | None = None) -> str:
     try:
         result = subprocess.run(
@@ -120,9 +119,56 @@ def git_commit(root: Path | None = None) -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
+def process_owner(pid: int | None = None) -> str:
+    """This process as a run's owner: host, pid and start time (a reused pid is another process)."""
+    import psutil
+
+    process = psutil.Process(pid or os.getpid())
+    return f"{socket.gethostname()}/{process.pid}/{process.create_time():.2f}"
+
+
+def owner_is_gone(owner: str) -> bool:
+    """Whether the process an owner tag names has ended. Another machine's runs are never judged."""
+    import psutil
+
+    host, _, rest = owner.partition("/")
+    pid, _, started = rest.partition("/")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        process = psutil.Process(int(pid))
+        return process.status() == psutil.STATUS_ZOMBIE or f"{process.create_time():.2f}" != started
+    except psutil.NoSuchProcess:
+        return True
+
+
+def close_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs a killed process of this machine left RUNNING (SIGKILL skips MLflow's
+    own end_run); runs of live processes and of other machines are left alone. Returns their ids."""
+    import mlflow
+
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    closed = []
+    try:
+        for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000):
+            owner = run.data.tags.get(OWNER_TAG, "")
+            if owner and owner_is_gone(owner):
+                client.set_terminated(run.info.run_id, status="KILLED")
+                closed.append(run.info.run_id)
+                log.warning("closed MLflow run %s (%s): its process %s was killed before the run ended",
+                            run.info.run_id, run.info.run_name, owner)
+    except MlflowException as error:  # housekeeping: the stage's own store calls report a real outage
+        log.warning("could not close runs left RUNNING by killed processes (%s)", first_line(error))
+    return closed
+
+
 def run_tags(kind: str, params_digest: str) -> dict[str, str]:
-    """Tags every run carries: what kind of run, the code version, the DVC experiment, the params."""
-    tags = {RUN_KIND_TAG: kind, "mlflow.source.git.commit": git_commit(), "params_hash": params_digest}
+    """Tags every run carries: what kind of run, its owning process, the code version, the DVC
+    experiment, the params."""
+    tags = {RUN_KIND_TAG: kind, OWNER_TAG: process_owner(), "mlflow.source.git.commit": git_commit(),
+            "params_hash": params_digest}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
     if os.environ.get("DVC_EXP_BASELINE_REV"):
@@ -195,25 +241,3 @@ def log_table(table: dict[str, list], artifact_file: str) -> None:
     if artifact_file in {item.path for item in mlflow.MlflowClient().list_artifacts(run.info.run_id, folder)}:
         get_artifact_repository(run.info.artifact_uri).delete_artifacts(artifact_file)
     mlflow.log_table(table, artifact_file)
-
-
-def log_keras_model(model, signature, input_example, name: str = "model"):
-    """`mlflow.keras.log_model(model, name, signature, input_example)`, returning its ModelInfo.
-
-    MLflow's Keras flavor (3.17 and earlier) writes `input_example.json` before it creates the model
-    folder, so logging an example fails (mlflow/mlflow#16183); this flavor creates the folder first.
-    """
-    import types
-
-    import mlflow.keras
-    from mlflow.models import Model
-
-    def save_model(path: str, **kwargs) -> None:
-        os.makedirs(path, exist_ok=True)
-        mlflow.keras.save_model(path=path, **kwargs)
-
-    flavor = types.SimpleNamespace(__name__=mlflow.keras.__name__, save_model=save_model)
-    with warnings.catch_warnings():  # MLflow checks the example by predicting it as a bare array, which Keras
-        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")  # takes, warning
-        return Model.log(artifact_path=None, name=name, flavor=flavor, model=model, signature=signature,
-                         input_example=input_example)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,40 @@ class ImageError(PipelineError):
 # --- reading -------------------------------------------------------------------------------
 
 
+def webp_canvas_size(head: bytes) -> tuple[int, int] | None:
+    """The canvas of an extended (VP8X) WebP, read from its first 30 bytes: libwebp allocates it
+    while Pillow opens the file, before any size check could run."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:16] != b"WEBPVP8X":
+        return None
+    return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+
+
+def check_size(width: int, height: int, label: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{label}: image is {width}x{height}; use one of at most {MAX_PIXELS // 1_000_000} megapixels")
+
+
+def peek(source: str | Path | IO[bytes], size: int) -> bytes:
+    if hasattr(source, "read"):
+        position = source.tell()
+        head = source.read(size)
+        source.seek(position)
+        return head
+    with open(source, "rb") as stream:
+        return stream.read(size)
+
+
 def read_image(source: str | Path | IO[bytes], name: str | None = None) -> Image.Image:
     """Open and decode a picture (a path or a binary file object); ImageError if it is not one."""
     label = name or str(source)
+    # Pillow refuses (DecompressionBombError) pictures over twice this as it opens them: MAX_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
     try:
+        canvas = webp_canvas_size(peek(source, 30))
+        if canvas:
+            check_size(*canvas, label)
         with Image.open(source, formats=ACCEPTED_FORMATS) as image:
-            width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(
-                    f"{label}: image is {width}x{height}; use one of at most {MAX_PIXELS // 1_000_000} megapixels"
-                )
+            check_size(*image.size, label)
             if image.format == "JPEG":
                 image.draft("RGB", (WORKING_SIDE, WORKING_SIDE))  # decode big photos at reduced scale
             image.load()
@@ -60,8 +84,10 @@ def read_image(source: str | Path | IO[bytes], name: str | None = None) -> Image
         raise ImageError(
             f"{label}: not a readable image; use a PNG, JPEG or BMP (also GIF, TIFF, WebP)"
         ) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ImageError(f"{label}: cannot decode image ({error})") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{label}: image is over {MAX_PIXELS // 1_000_000} megapixels; use a smaller one") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as error:
+        raise ImageError(f"{label}: cannot decode image ({first_line(error)})") from None
 
 
 # --- preparing -----------------------------------------------------------------------------
@@ -77,6 +103,8 @@ def to_grey(image: Image.Image) -> np.ndarray:
         image = Image.alpha_composite(paper, rgba)
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit scans: stretch to 8 bits
         values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ImageError("the image holds NaN or infinite pixel values; save it as an 8-bit PNG or JPEG")
         low, high = float(values.min()), float(values.max())
         return ((values - low) * (255.0 / max(high - low, 1e-6))).astype(np.float32)
     return np.asarray(image.convert("L"), dtype=np.float32)

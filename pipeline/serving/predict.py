@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,60 +13,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.errors import exit_on_user_error
+from pipeline.serving.classifier import as_classifier, load_classifier
 from pipeline.serving.images import SIDE, ImageError, prepare_image, read_image
 
 log = logging.getLogger(__name__)
 
-MODEL_OPTION_HELP = ("models:/ or runs:/ URI, MLflow model folder or .keras file "
+MODEL_OPTION_HELP = ("models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model or a .keras file "
                      "(default: models:/<tracking.registered_model>@champion from params.yaml)")
 
 
 # --- model ---------------------------------------------------------------------------------
 
 
-def load_model(uri: str) -> Any:
-    """A Keras model from `models:/...`, `runs:/...`, an MLflow model folder, or a `.keras` file."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see runtime.quiet_tensorflow_logs
-    path = Path(uri).expanduser()
-    if "://" not in uri and not uri.startswith(("models:/", "runs:/")):
-        if path.is_file():
-            import keras
-
-            try:
-                return keras.saving.load_model(path)
-            except (ValueError, OSError) as error:
-                raise PipelineError(f"{uri} is not a Keras model file ({error}); pass a .keras file") from None
-        if not (path / "MLmodel").is_file():
-            raise PipelineError(
-                f"model {uri!r} not found; pass a .keras file, an MLflow model folder, or a models:/ or runs:/ URI"
-            )
-        uri = str(path)
-    import mlflow
-    import mlflow.keras
-    from mlflow.exceptions import MlflowException
-
-    from pipeline.core.tracking import configure_tracking
-
-    configure_tracking()  # the project's store, or MLFLOW_TRACKING_URI
-    try:
-        return mlflow.keras.load_model(uri)
-    except MlflowException as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PipelineError(
-            f"cannot load model {uri!r} from MLflow at {mlflow.get_tracking_uri()} ({first_line}); "
-            "train and promote a model first, or pass --model with another URI or a .keras file"
-        ) from None
-
-
 def probabilities(model: Any, pixels: np.ndarray) -> np.ndarray:
-    """Softmax outputs (N, 10) for prepared pixels (N, 28, 28)."""
-    batch = np.asarray(pixels, dtype=np.float32).reshape(-1, SIDE, SIDE, 1)
-    if len(batch) == 0:
-        return np.zeros((0, 10), dtype=np.float32)
-    if len(batch) <= 256:  # one step, without predict()'s per-call pipeline set-up
-        return np.asarray(model.predict_on_batch(batch), dtype=np.float32)
-    return np.asarray(model.predict(batch, batch_size=256, verbose=0), dtype=np.float32)
+    """Softmax outputs (N, 10) for prepared pixels (N, 28, 28): a served classifier or a Keras model."""
+    return as_classifier(model).probabilities(pixels)
 
 
 def describe(probs: np.ndarray) -> dict[str, Any]:
@@ -142,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from pipeline.core.registry import champion_uri
 
-    model = load_model(args.model or champion_uri())
+    model = load_classifier(args.model or champion_uri())
     results = predict_files(model, args.images)
     if args.json:
         print(json.dumps(results, indent=2))

@@ -1,16 +1,26 @@
-"""Serve a registered model over HTTP: MLflow's own scoring app behind a request-size limit.
+"""Serve a registered model over HTTP, speaking MLflow's scoring protocol, fast and guarded.
 
     python -m pipeline serve [--model URI] [--host 127.0.0.1] [--port 5001] [--max-body-mb 16]
+                             [--max-images 1000] [--max-concurrent 64] [--timeout-s 30]
 
-`mlflow models serve` reads any body whole into memory, however large. This runs the same app
-(`mlflow.pyfunc.scoring_server.init`: /invocations, /ping, /health and /version answer exactly as
-there) behind an ASGI middleware that answers 413 once a body is over the limit: at once when
-Content-Length says so, or as soon as a chunked body streams past it.
+Clients of `mlflow models serve` work unchanged: POST /invocations with `inputs` or `instances`
+answers {"predictions": [[10 probabilities], ...]}; GET /ping, /health and /version answer as there.
+What differs:
+- the registered version's ONNX file runs on ONNX Runtime after its sha256 is checked
+  (`classifier.load_classifier`), with concurrent requests micro-batched (`batching`);
+- the input contract (`contract`) is checked before the model runs: bad input gets a 4xx JSON
+  error {error_code, message} that never quotes the body;
+- limits: a body over --max-body-mb gets 413 (at once when Content-Length says so, or as soon as a
+  chunked body streams past it), requests beyond --max-concurrent get 503, and a request not done
+  within --timeout-s (a slow body included) gets 503;
+- SIGTERM or Ctrl+C: the server stops accepting, lets requests in flight finish, and exits
+  (within GRACEFUL_SHUTDOWN_S).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -24,6 +34,10 @@ log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 DEFAULT_MAX_BODY_MB = 16.0  # about 2,900 MNIST images as JSON floats, 4,000 as integers
+DEFAULT_MAX_IMAGES = 1000
+DEFAULT_MAX_CONCURRENT = 64
+DEFAULT_TIMEOUT_S = 30.0
+GRACEFUL_SHUTDOWN_S = 8.0  # in-flight requests get this long after SIGTERM
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,13 +61,21 @@ def declared_length(scope: Scope) -> int | None:
     return None
 
 
+def error_body(error_code: str, message: str) -> bytes:
+    """MLflow's error shape: {"error_code": ..., "message": ...}."""
+    return json.dumps({"error_code": error_code, "message": message}).encode()
+
+
 def too_large_body(max_bytes: int) -> bytes:
-    """MLflow's error shape ({error_code, message}) for a body over the limit."""
-    message = (
-        f"request body is larger than the server's limit of {max_bytes / MIB:g} MiB; "
-        "split the batch into smaller requests, or restart the server with a larger --max-body-mb"
-    )
-    return json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": message}).encode()
+    return error_body("REQUEST_TOO_LARGE", f"request body is larger than the server's limit of "
+                      f"{max_bytes / MIB:g} MiB; split the batch into smaller requests, or restart the "
+                      "server with a larger --max-body-mb")
+
+
+async def send_error(send: Send, status: int, body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 class BodySizeLimit:
@@ -106,34 +128,99 @@ class BodySizeLimit:
             await self.reject(send)
 
     async def reject(self, send: Send) -> None:
-        body = too_large_body(self.max_bytes)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send_error(send, 413, too_large_body(self.max_bytes))
 
 
-def load_pyfunc(uri: str) -> Any:
-    """The model as MLflow's pyfunc, from the project's store (or MLFLOW_TRACKING_URI)."""
-    import mlflow.pyfunc
-    from mlflow.exceptions import MlflowException
+class ConcurrencyLimit:
+    """ASGI middleware: HTTP requests beyond `max_concurrent` in flight get 503 before their body is read."""
 
-    from pipeline.core.tracking import configure_tracking
+    def __init__(self, app: ASGIApp, max_concurrent: int) -> None:
+        self.app = app
+        self.max_concurrent = max_concurrent
+        self.in_flight = 0
 
-    store = configure_tracking()
-    try:
-        return mlflow.pyfunc.load_model(uri)
-    except (MlflowException, OSError) as error:
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise PipelineError(
-            f"cannot load model {uri!r} from MLflow at {store} ({first_line}); "
-            "train and promote a model first, or pass --model with a models:/ or runs:/ URI or an MLflow model folder"
-        ) from None
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_concurrent:
+            await send_error(send, 503, error_body("SERVER_BUSY", f"more than {self.max_concurrent} requests "
+                                                   "in flight; retry shortly"))
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
 
 
-def build_app(model: Any, max_bytes: int) -> ASGIApp:
-    from mlflow.pyfunc import scoring_server
+def mlflow_version() -> str:
+    from importlib.metadata import version
 
-    return BodySizeLimit(scoring_server.init(model), max_bytes)
+    return version("mlflow")
+
+
+def build_app(classifier: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
+              max_concurrent: int = DEFAULT_MAX_CONCURRENT, timeout_s: float = DEFAULT_TIMEOUT_S) -> ASGIApp:
+    """The scoring app: MLflow's routes over `classifier.probabilities`, micro-batched, with limits."""
+    from contextlib import asynccontextmanager
+
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from pipeline.serving.batching import MicroBatcher
+    from pipeline.serving.contract import BadRequest, parse_invocation
+
+    batcher = MicroBatcher(classifier.probabilities, max_images)
+
+    def error(status: int, error_code: str, message: str) -> Response:
+        return Response(error_body(error_code, message), status_code=status, media_type="application/json")
+
+    async def predict(request: Request) -> Response:
+        images = parse_invocation(await request.body(), request.headers.get("content-type"), max_images)
+        probabilities = await batcher(images)
+        return Response(json.dumps({"predictions": probabilities.tolist()}), media_type="application/json")
+
+    async def invocations(request: Request) -> Response:
+        try:
+            return await asyncio.wait_for(predict(request), timeout_s)
+        except BadRequest as problem:
+            return error(problem.status, "BAD_REQUEST", str(problem))
+        except TimeoutError:
+            return error(503, "TIMEOUT", f"the request took longer than {timeout_s:g} s (body upload "
+                         "included); send smaller batches or retry")
+        except BodyTooLarge:
+            raise  # BodySizeLimit answers 413
+        except Exception:  # the trace goes to the server's log, never to the client
+            log.exception("prediction failed")
+            return error(500, "INTERNAL_ERROR", "the model failed on this request; the server log has the details")
+
+    async def ping(_: Request) -> Response:
+        return Response("\n", media_type="application/json")
+
+    async def version(_: Request) -> Response:
+        return Response(mlflow_version(), media_type="application/json")
+
+    async def http_error(_: Request, problem: HTTPException) -> Response:
+        return error(problem.status_code, "BAD_REQUEST" if problem.status_code < 500 else "INTERNAL_ERROR",
+                     problem.detail or "request failed")
+
+    @asynccontextmanager
+    async def lifespan(_):
+        batcher.start()
+        yield
+        await batcher.stop()
+
+    app = Starlette(
+        routes=[Route("/invocations", invocations, methods=["POST"]), Route("/ping", ping, methods=["GET"]),
+                Route("/health", ping, methods=["GET"]), Route("/version", version, methods=["GET"])],
+        exception_handlers={HTTPException: http_error}, lifespan=lifespan,
+    )
+    app.state.batcher = batcher
+    return ConcurrencyLimit(BodySizeLimit(app, max_bytes), max_concurrent)
 
 
 def listen(host: str, port: int) -> socket.socket:
@@ -146,24 +233,36 @@ def listen(host: str, port: int) -> socket.socket:
         raise PipelineError(f"cannot listen on {host}:{port} ({reason}); pass another --port or --host") from None
 
 
+def positive(kind: type):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline serve",
-        description="Serve a model with MLflow's scoring app (/invocations, /ping) and a request-size limit.",
+        description="Serve a registered model with MLflow's scoring protocol (/invocations, /ping, /version).",
     )
     parser.add_argument(
-        "--model", help="models:/ or runs:/ URI or MLflow model folder (default: models:/<tracking.registered_model>@champion)"
+        "--model", help="models:/<name>@<alias>, models:/<name>/<version> or a .keras file "
+                        "(default: models:/<tracking.registered_model>@champion)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
-    parser.add_argument(
-        "--max-body-mb", type=float, default=DEFAULT_MAX_BODY_MB,
-        help=f"larger request bodies get 413, in MiB (default: {DEFAULT_MAX_BODY_MB:g})",
-    )
-    args = parser.parse_args(argv)
-    if args.max_body_mb <= 0:
-        parser.error("--max-body-mb must be positive")
-    return args
+    parser.add_argument("--max-body-mb", type=positive(float), default=DEFAULT_MAX_BODY_MB,
+                        help=f"larger request bodies get 413, in MiB (default: {DEFAULT_MAX_BODY_MB:g})")
+    parser.add_argument("--max-images", type=positive(int), default=DEFAULT_MAX_IMAGES,
+                        help=f"most images in one request (default: {DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--max-concurrent", type=positive(int), default=DEFAULT_MAX_CONCURRENT,
+                        help=f"requests in flight beyond this get 503 (default: {DEFAULT_MAX_CONCURRENT})")
+    parser.add_argument("--timeout-s", type=positive(float), default=DEFAULT_TIMEOUT_S,
+                        help=f"a request not answered within this gets 503 (default: {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument("--access-log", action="store_true", help="log every request")
+    return parser.parse_args(argv)
 
 
 @exit_on_user_error
@@ -175,16 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     from pipeline.core.registry import champion_uri
+    from pipeline.serving.classifier import load_classifier
 
     uri = args.model or champion_uri()
-    max_bytes = int(args.max_body_mb * MIB)
     server_socket = listen(args.host, args.port)  # a busy port fails before the model loads
-    app = build_app(load_pyfunc(uri), max_bytes)
+    app = build_app(load_classifier(uri), int(args.max_body_mb * MIB), args.max_images, args.max_concurrent,
+                    args.timeout_s)
     netloc = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-    log.info("serving %s at http://%s/invocations; bodies over %g MiB get 413", uri, netloc, args.max_body_mb)
-    uvicorn.Server(uvicorn.Config(app, log_level="info")).run(sockets=[server_socket])
+    log.info("serving %s at http://%s/invocations; bodies over %g MiB get 413, over %d images 413, "
+             "beyond %d concurrent requests 503", uri, netloc, args.max_body_mb, args.max_images,
+             args.max_concurrent)
+    config = uvicorn.Config(app, log_level="info", access_log=args.access_log,
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+    uvicorn.Server(config).run(sockets=[server_socket])
     return 0
-
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 POST /api/predict takes a multipart upload (field `image`) or JSON
 {"image": "data:image/png;base64,..."} and answers {label, confidence, probabilities};
-problems are answered as JSON {"error": "..."} with status 400, 413 or 503.
+problems are answered as JSON {"error": "..."} with status 400, 413 or 503. The page runs on
+waitress (a production WSGI server); at most MAX_DECODES pictures are decoded at once (503 beyond),
+and pictures over images.MAX_PIXELS are refused before they are decoded.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import base64
 import binascii
 import io
+import json
 import logging
 import re
 import threading
@@ -24,22 +27,24 @@ from werkzeug.exceptions import HTTPException
 from pipeline.core.errors import PipelineError, exit_on_user_error, redact
 from pipeline.core.registry import champion_uri
 from pipeline.serving.images import ImageError, prepare_image, read_image
-from pipeline.serving.predict import (
-    MODEL_OPTION_HELP,
-    describe,
-    load_model,
-    probabilities,
-)
+from pipeline.serving.classifier import load_classifier
+from pipeline.serving.predict import MODEL_OPTION_HELP, describe, probabilities
 
 log = logging.getLogger(__name__)
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+MAX_DECODES = 4  # pictures decoded at once (each may take up to MAX_PIXELS of memory); more get 503
+THREADS = 8  # waitress worker threads
 DATA_URL = re.compile(r"^data:image/[a-z0-9.+-]+(;[a-z0-9=.+-]+)*;base64,(?P<payload>.*)$", re.IGNORECASE | re.DOTALL)
 USAGE = 'send a multipart file field "image", or JSON {"image": "data:image/png;base64,..."}'
 
 
 class BadUpload(Exception):
     """A request whose fields or image cannot be used; answered with 400 and its message."""
+
+
+class Busy(Exception):
+    """Every decode slot is taken; answered with 503."""
 
 
 class LazyModel:
@@ -58,7 +63,7 @@ class LazyModel:
         with self._lock:
             if self._model is None:
                 log.info("loading model %s", self.uri)
-                self._model = load_model(self.uri)
+                self._model = load_classifier(self.uri)
             return self._model
 
     def predict(self, pixels: Any) -> Any:
@@ -80,23 +85,31 @@ def decode_data_url(value: Any) -> bytes:
         raise BadUpload('"image" holds invalid base64 data') from None
 
 
+def read_json(body: bytes) -> Any:
+    """A decoded JSON body, or None when it is not JSON (bad UTF-8, too deep, malformed)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+
+
 def image_bytes_from_request() -> tuple[bytes, str]:
     """The uploaded picture's bytes and a name for messages, from a file field or JSON."""
     if request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         upload = request.files.get("image")
         if upload is None:
-            fields = sorted(set(request.files) | set(request.form))
-            raise BadUpload(f"no file field \"image\" (got {fields or 'no fields'}); {USAGE}")
+            raise BadUpload(f"no file field \"image\" in the upload; {USAGE}")
         return upload.read(), upload.filename or "upload"
     if request.is_json:
-        payload = request.get_json(silent=True)
+        payload = read_json(request.get_data(cache=False))
         if not isinstance(payload, dict) or "image" not in payload:
             raise BadUpload(f'JSON body needs an "image" key; {USAGE}')
         return decode_data_url(payload["image"]), "drawing"
     raise BadUpload(f"unsupported content type {request.mimetype or 'none'!r}; {USAGE}")
 
 
-def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> Flask:
+def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_decodes: int = MAX_DECODES) -> Flask:
     """The web app; the model (by default the project's champion) is loaded at the first prediction
     (or by `warm_up`)."""
     model_uri = model_uri or champion_uri()
@@ -105,6 +118,7 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     app.config["MAX_FORM_MEMORY_SIZE"] = max_upload_bytes
     app.extensions["mnist_model"] = LazyModel(model_uri)
     limit_mb = max_upload_bytes / (1024 * 1024)
+    decode_slots = threading.BoundedSemaphore(max_decodes)
 
     @app.get("/")
     def index() -> str:
@@ -120,16 +134,24 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         data, name = image_bytes_from_request()
         if not data:
             raise BadUpload(f"{name} is empty; {USAGE}")
+        if not decode_slots.acquire(timeout=1.0):
+            raise Busy(f"{max_decodes} pictures are being decoded; retry shortly")
         try:
             pixels = prepare_image(read_image(io.BytesIO(data), name=name))
         except ImageError as error:
             raise BadUpload(str(error)) from None
+        finally:
+            decode_slots.release()
         model: LazyModel = app.extensions["mnist_model"]
         return jsonify(describe(model.predict(pixels[None])[0]))
 
     @app.errorhandler(BadUpload)
     def bad_upload(error: BadUpload) -> Any:
         return jsonify(error=str(error)), 400
+
+    @app.errorhandler(Busy)
+    def busy(error: Busy) -> Any:
+        return jsonify(error=str(error)), 503
 
     @app.errorhandler(PipelineError)
     def model_unavailable(error: PipelineError) -> Any:
@@ -168,12 +190,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(args.model)
     warm_up(app)
+    import waitress
+
+    try:
+        server = waitress.create_server(app, host=args.host, port=args.port, threads=THREADS,
+                                        max_request_body_size=2 * MAX_UPLOAD_BYTES)  # Flask answers 413 first
+    except OSError as error:
+        raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
     print(f"serving on http://{args.host}:{args.port}/ (model {app.extensions['mnist_model'].uri}); Ctrl+C stops",
           flush=True)
     try:
-        app.run(host=args.host, port=args.port, threaded=True, use_reloader=False)
-    except OSError as error:
-        raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
+        server.run()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

@@ -6,6 +6,7 @@ PostgreSQL for many workers), so `dvc repro -f`, an interrupted run or `tune --m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -13,8 +14,9 @@ import warnings
 from pathlib import Path
 
 from pipeline.core.config import Params, TuneParams
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, redact
 from pipeline.core.paths import SQLITE_PREFIX, sqlite_file
+from pipeline.core.tracking import first_line
 
 log = logging.getLogger("pipeline.tuning")
 
@@ -42,9 +44,104 @@ def study_name(params: Params) -> str:
     return f"{tune.study_name}-{digest}"
 
 
+STORAGE_RETRY_S = 120.0  # how long one storage call rides out an outage before the worker gives up
+TRANSIENT_ERRORS = ("OperationalError", "InterfaceError", "DisconnectionError")  # sqlalchemy.exc: connection-level
+
+
+def is_transient(error: BaseException) -> bool:
+    """A lost or refused database connection (or a locked SQLite file), also when Optuna wrapped it in
+    StorageInternalError; invalid data and missing records are not retried."""
+    while error is not None:
+        if type(error).__module__.startswith("sqlalchemy") and type(error).__name__ in TRANSIENT_ERRORS:
+            return True
+        error = error.__cause__
+    return False
+
+
+@functools.cache
+def make_resilient_storage_class():
+    """RDBStorage that rides out a storage outage (imported lazily: Optuna is heavy).
+
+    Every storage call is retried with backoff while the error is transient (`is_transient`), for up
+    to STORAGE_RETRY_S; a retried finishing write that had in fact been committed counts as done. A
+    heartbeat that cannot be written is logged and the heartbeat thread beats on (Optuna's thread
+    dies on the first exception, and its live trial would then be failed as dead).
+    """
+    import threading
+    import time
+
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.storages import RDBStorage
+
+    nesting = threading.local()  # a retried call that makes other storage calls retries them as one
+
+    def retried(method):
+        def call(self, *args, **kwargs):
+            if getattr(nesting, "depth", 0):
+                return method(self, *args, **kwargs)
+            nesting.depth, deadline, delay, failures = 1, time.monotonic() + self.retry_s, 0.5, 0
+            try:
+                while True:
+                    try:
+                        result = method(self, *args, **kwargs)
+                    except Exception as error:
+                        if not is_transient(error) or time.monotonic() + delay > deadline:
+                            raise
+                        if not failures:
+                            log.warning("Optuna storage call %s failed (%s: %s); retrying for up to %.0f s",
+                                        method.__name__, type(error).__name__, redact(first_line(error)), self.retry_s)
+                        failures += 1
+                        time.sleep(delay)
+                        delay = min(delay * 2, 5.0)
+                        continue
+                    if failures:
+                        log.warning("Optuna storage call %s succeeded after %d retries", method.__name__, failures)
+                    return result
+            finally:
+                nesting.depth = 0
+
+        call.__name__ = method.__name__
+        return call
+
+    class ResilientStorage(RDBStorage):
+        retry_s = STORAGE_RETRY_S
+
+        def set_trial_state_values(self, trial_id, state, values=None):
+            attempts = []
+
+            def once(storage):
+                attempts.append(1)
+                try:
+                    return RDBStorage.set_trial_state_values(storage, trial_id, state, values)
+                except UpdateFinishedTrialError:
+                    if len(attempts) > 1 and state.is_finished() and RDBStorage.get_trial(storage, trial_id).state == state:
+                        return True  # the attempt that failed had committed: only its answer was lost
+                    raise
+
+            once.__name__ = "set_trial_state_values"
+            return retried(once)(self)
+
+        def record_heartbeat(self, trial_id: int) -> None:
+            try:
+                RDBStorage.record_heartbeat(self, trial_id)
+            except Exception as error:  # the thread must live: the next beat may get through
+                log.warning("trial %d: heartbeat not recorded (%s: %s); beating on", trial_id,
+                            type(error).__name__, redact(first_line(error)))
+
+    for name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+                 "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
+                 "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
+                 "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
+                 "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+                 "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
+                 "get_best_trial", "_get_best_trial_id", "_get_stale_trial_ids"):
+        setattr(ResilientStorage, name, retried(getattr(RDBStorage, name)))
+    return ResilientStorage
+
+
 def make_storage(tune: TuneParams):
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     url = tune.storage
     resolved = resolve_storage_url(url)
@@ -52,17 +149,18 @@ def make_storage(tune: TuneParams):
     if database is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(
+        return make_resilient_storage_class()(
             resolved,
             heartbeat_interval=tune.heartbeat_interval_s,
             grace_period=tune.grace_period_s,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
-            # SQLite: wait for a busy database (optuna-dashboard, a second process) instead of failing
+            # SQLite: wait for a busy database (optuna-dashboard, a second process) instead of failing; a server:
+            # test pooled connections before use, so one that an outage cut is replaced, not used and failed
             engine_kwargs={"connect_args": {"timeout": 60}} if resolved.startswith("sqlite") else {"pool_pre_ping": True},
         )
     except (optuna.exceptions.StorageInternalError, Exception) as error:
         raise PipelineError(
-            f"Optuna storage {url} is unreachable ({type(error).__name__}: {str(error).splitlines()[0][:160]}); "
+            f"Optuna storage {redact(url)} is unreachable ({type(error).__name__}: {redact(first_line(error))}); "
             "start the database or set tune.storage to sqlite:///studies/optuna.db"
         ) from None
 

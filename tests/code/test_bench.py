@@ -19,6 +19,7 @@ from bench.training import default_dtype_policy, first_reaching, inference_throu
 from pipeline.core.config import Recipe, load_params
 from pipeline.core.data import Split, stratified_take
 from tests.conftest import REPO_ROOT
+from tests.serving.fixtures import mnist_file, tiny_model_path  # noqa: F401
 
 
 # ---- pure pieces ----------------------------------------------------------------------------------
@@ -112,8 +113,7 @@ def run_bench(*args: str, out: Path, env: dict | None = None) -> dict:
 @pytest.mark.slow
 def test_train_benchmark_tiny(tiny_params, tmp_path):
     run_bench("train", "--params", str(tiny_params), "--epochs-reference", "1", "--epochs-default", "2",
-              "--inference-seconds", "0.05", "--serve", out=tmp_path,
-              env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'empty.db'}"})
+              "--inference-seconds", "0.05", out=tmp_path)
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["command"].startswith("python -m bench train")
     assert {"cpu_model", "usable_cores", "tensorflow", "keras", "date"} <= set(record["machine"])
@@ -137,12 +137,16 @@ def test_train_benchmark_tiny(tiny_params, tmp_path):
         assert 0 < memory["rss_after_setup_mib"] <= memory["peak_rss_training_mib"]
         assert set(model["inference"]) == {"1", "32", "1000"}
         assert all(row["images_per_s"] > 0 for row in model["inference"].values())
+        assert set(model["inference_served"]) == {"1", "32", "1000"}
+        assert all(row["images_per_s"] > 0 for row in model["inference_served"].values())
+        assert model["inference_predict_batch_1"]["images_per_s"] > 0
     assert models["reference"]["dtype_policy"] == "float32"  # whatever the params say
     assert models["default"]["dtype_policy"] == default_dtype_policy(load_params(tiny_params))
     ratios = record["ratios_default_over_reference"]
     assert ratios["train_seconds"] == ratio(models["default"]["train_seconds"], models["reference"]["train_seconds"])
     assert set(ratios["inference_images_per_s"]) == {"1", "32", "1000"}
-    assert "no models:/mnist-cnn@champion" in record["serve"]["skipped"]
+    assert ratios["served_batch_1_over_reference_predict"] == ratio(
+        models["default"]["inference_served"]["1"]["images_per_s"], models["reference"]["inference_predict_batch_1"]["images_per_s"])
     markdown = (tmp_path / "results.md").read_text()
     assert markdown == train_markdown(record) + "\n" and "| Epochs to 99.0 % test accuracy |" in markdown
 
@@ -168,35 +172,29 @@ def test_pruning_benchmark_tiny(tiny_params, tmp_path):
     assert (tmp_path / "pruning.md").read_text() == pruning_markdown(record) + "\n"
 
 
-CHAMPION_AND_SERVE = """
-import json, sys
-import mlflow, mlflow.keras, numpy as np
-from pipeline.core.model import build_model, model_signature
-from pipeline.core.runtime import setup_logging
-from pipeline.core.training import compile_model
-from tests.helpers import make_recipe
-from bench.serving import measure_serving
-
-setup_logging()
-mlflow.set_experiment(experiment_id=mlflow.create_experiment("bench", artifact_location=sys.argv[1]))
-model = compile_model(build_model(make_recipe()), make_recipe(), steps_per_epoch=1, epochs=1)
-with mlflow.start_run():
-    info = mlflow.keras.log_model(model, name="model", signature=model_signature(), registered_model_name="mnist-cnn")
-mlflow.MlflowClient().set_registered_model_alias("mnist-cnn", "champion", info.registered_model_version)
-print(json.dumps(measure_serving("mnist-cnn", np.zeros((28, 28), np.uint8), requests_timed=5)))
-"""
-
-
 @pytest.mark.slow
-def test_serving_latency_of_a_registered_champion(tmp_path):
-    """An untrained model registered as champion in a scratch store, served and timed for real."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    result = subprocess.run([sys.executable, "-c", CHAMPION_AND_SERVE, (tmp_path / "artifacts").as_uri()],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={**clean, "PYTHONPATH": str(REPO_ROOT), "TF_CPP_MIN_LOG_LEVEL": "3",
-                                 "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    latency = json.loads(result.stdout.strip().splitlines()[-1])
-    assert latency["model_uri"] == "models:/mnist-cnn@champion" and str(latency["version"]) == "1"
-    assert latency["requests"] == 5 and 0 < latency["min_ms"] <= latency["median_ms"] <= latency["p95_ms"] <= latency["max_ms"]
-    assert 0 <= latency["predicted_digit"] <= 9
+def test_serve_benchmark_of_a_registered_champion(tiny_params, tiny_model_path, mnist_file, tmp_path, monkeypatch):
+    """A small model registered as champion in a scratch store, served by both servers and measured for real."""
+    import mlflow
+
+    from bench.serving import serve_markdown
+    from tests.serving.fixtures import register_model
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    register_model(tiny_model_path, "mnist-cnn", mnist_file, tmp_path / "artifacts")
+    mlflow.MlflowClient().set_registered_model_alias("mnist-cnn", "champion", "1")
+    run_bench("serve", "--params", str(tiny_params), "--requests", "20", "--seconds", "1", out=tmp_path, env={"MLFLOW_TRACKING_URI": store})
+    record = json.loads((tmp_path / "serve.json").read_text())
+    assert record["model"] == {"uri": "models:/mnist-cnn/1", "name": "mnist-cnn", "version": "1"}
+    for kind in ("project", "mlflow"):
+        server = record["servers"][kind]
+        latency = server["latency"]
+        assert latency["requests"] == 20 and 0 < latency["min_ms"] <= latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
+        assert latency["predicted_digit"] == record["servers"]["project"]["latency"]["predicted_digit"]
+        for clients in (1, 8):
+            throughput = server[f"throughput_{clients}_clients"]
+            assert throughput["answered"] > 0 and throughput["lost"] == 0, (kind, throughput)
+        assert server["peak_rss_mib"] > 0
+    assert (tmp_path / "serve.md").read_text() == serve_markdown(record) + "\n"

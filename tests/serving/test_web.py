@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from pipeline.serving.web import MAX_UPLOAD_BYTES, create_app
 from tests.conftest import free_port
 
-from tests.serving.fixtures import REPO, mnist_file, seven, tiny_model_path, vertical_one  # noqa: F401
+from tests.serving.fixtures import (  # noqa: F401
+    REPO, mnist_file, one_digit_per_class, seven, tiny_model_path, vertical_one)
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -87,6 +88,12 @@ def test_upload_jpeg_and_bmp(client):
         seven(mode="RGB", ink=(20, 20, 120), paper=(240, 235, 220)).save(buffer, format=fmt)
         buffer.seek(0)
         assert_prediction(client.post("/api/predict", data={"image": (buffer, f"seven.{fmt.lower()}")}))
+
+
+def test_upload_one_digit_of_each_class(client, mnist_file):
+    for picture, label in one_digit_per_class(mnist_file):
+        body = assert_prediction(client.post("/api/predict", data={"image": (io.BytesIO(png_bytes(picture)), f"{label}.png")}))
+        assert body["label"] == label
 
 
 def test_canvas_data_url(client):
@@ -247,6 +254,19 @@ def shown_label(driver, previous: str = "?") -> str:
         return text if text.isdigit() and text != previous else False
 
     return WebDriverWait(driver, 30).until(ready)
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_one_digit_of_each_class_in_chromium(server, browser, mnist_file, tmp_path):
+    browser.get(server)
+    previous = "?"
+    for picture, label in one_digit_per_class(mnist_file):
+        path = tmp_path / f"digit_{label}.png"
+        picture.save(path)
+        browser.find_element("id", "file").send_keys(str(path))
+        previous = shown_label(browser, previous=previous)
+        assert previous == str(label)
 
 
 @pytest.mark.browser

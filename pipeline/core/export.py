@@ -1,0 +1,107 @@
+"""The served form of a trained model: float32 Keras for scoring, ONNX for fast serving.
+
+Mixed bfloat16 speeds training only. The saved model is a float32 copy (`float32_clone`), so that
+the test accuracy `evaluate` reports, the Keras model in the registry and the ONNX file that
+`serve`, `web` and `predict` run all compute the same function. The ONNX file travels inside the
+logged MLflow model (`ONNX_FILE` beside `MLmodel`); before a version is registered,
+`compare_predictions` checks it against the Keras model on the whole test split, and the version
+records both files' sha256 (`HASH_TAGS`), which every loader verifies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ONNX_FILE = "model.onnx"
+KERAS_FILE = "data/model.keras"  # where MLflow's Keras flavour keeps the model inside its folder
+HASH_TAGS = {ONNX_FILE: "onnx_sha256", KERAS_FILE: "keras_sha256"}  # model file -> registry version tag
+MAX_PROBABILITY_GAP = 1e-3  # ONNX Runtime vs Keras, any image and class
+INPUT_SHAPE = (None, 28, 28, 1)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_hashes(model_folder: str | Path) -> dict[str, str]:
+    """{version tag: sha256} of the model files in a downloaded MLflow model folder."""
+    folder = Path(model_folder)
+    return {tag: sha256_file(folder / name) for name, tag in HASH_TAGS.items()}
+
+
+def _float32_config(config: Any) -> Any:
+    """A model config with every dtype policy (mixed_bfloat16 and the like) replaced by float32."""
+    if isinstance(config, dict):
+        if str(config.get("class_name", "")).endswith("DTypePolicy"):
+            return "float32"
+        return {key: _float32_config(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_config(item) for item in config]
+    return config
+
+
+def float32_clone(model):
+    """The same network and weights, computing in float32 (mixed-precision variables are float32)."""
+    clone = model.__class__.from_config(_float32_config(model.get_config()))
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def export_onnx(model, path: str | Path) -> Path:
+    """Write `model` (float32) as an ONNX file taking (n, 28, 28, 1) float32 raw pixels."""
+    import keras
+
+    path = Path(path)
+    with warnings.catch_warnings():  # tf2onnx probes the removed `np.object`
+        warnings.simplefilter("ignore", FutureWarning)
+        model.export(str(path), format="onnx", verbose=False,
+                     input_signature=[keras.InputSpec(shape=INPUT_SHAPE, dtype="float32")])
+    return path
+
+
+def compare_predictions(reference: np.ndarray, candidate: np.ndarray,
+                        max_gap: float = MAX_PROBABILITY_GAP) -> str | None:
+    """None when two (n, 10) probability arrays agree (same argmax everywhere, gap <= max_gap);
+    otherwise what differs, in one line."""
+    if reference.shape != candidate.shape:
+        return f"shapes differ: {reference.shape} vs {candidate.shape}"
+    flips = int(np.sum(reference.argmax(axis=1) != candidate.argmax(axis=1)))
+    gap = float(np.max(np.abs(reference - candidate))) if reference.size else 0.0
+    if flips or not gap <= max_gap:
+        return (f"{flips} of {len(reference)} images change their predicted digit; "
+                f"largest probability gap {gap:.2g} (allowed {max_gap:g})")
+    return None
+
+
+def log_keras_model(model, signature, input_example, name: str = "model"):
+    """`mlflow.keras.log_model(model, name, signature, input_example)` plus the model as ONNX
+    (`ONNX_FILE`, the fast serving path) in the same folder; returns its ModelInfo.
+
+    MLflow's Keras flavor (3.17 and earlier) writes `input_example.json` before it creates the model
+    folder, so logging an example fails (mlflow/mlflow#16183); this flavor creates the folder first.
+    """
+    import types
+
+    import mlflow.keras
+    from mlflow.models import Model
+
+    def save_model(path: str, **kwargs) -> None:
+        os.makedirs(path, exist_ok=True)
+        mlflow.keras.save_model(path=path, **kwargs)
+        export_onnx(kwargs["model"], os.path.join(path, ONNX_FILE))
+
+    flavor = types.SimpleNamespace(__name__=mlflow.keras.__name__, save_model=save_model)
+    with warnings.catch_warnings():  # MLflow checks the example by predicting it as a bare array, which Keras
+        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")  # takes, warning
+        return Model.log(artifact_path=None, name=name, flavor=flavor, model=model, signature=signature,
+                         input_example=input_example)

@@ -1,0 +1,101 @@
+"""The served model's input contract, checked before the model runs.
+
+A request is what `mlflow models serve` takes for a tensor model: a JSON object with `inputs`
+(or `instances`), holding images as nested lists, or `{"pixels": ...}` by input name. Each image
+is 28x28 (optionally x1) raw pixels: finite numbers from 0 to 255. Anything else is a `BadRequest`
+whose message names the problem and never quotes the body.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+
+SIDE = 28
+INPUT_NAME = "pixels"  # the signature's input (core.model.model_signature)
+INPUT_KEYS = ("inputs", "instances")
+MAX_MESSAGE_CHARS = 600  # error bodies stay far under 4 KiB
+EXAMPLE = '{"inputs": [[[0, 0, ...28 values], ...28 rows]]}'
+
+
+class BadRequest(ValueError):
+    """A request the model must not see; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message[:MAX_MESSAGE_CHARS])
+        self.status = status
+
+
+def _refuse_constant(name: str) -> float:
+    raise BadRequest(f"{name} is not a pixel value; send finite numbers from 0 to 255")
+
+
+def read_json(body: bytes) -> Any:
+    """The decoded body; NaN and Infinity literals, bad UTF-8 and deep nesting are refused."""
+    if not body.strip():
+        raise BadRequest(f"empty request body; send JSON like {EXAMPLE}")
+    try:
+        return json.loads(body, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise BadRequest("JSON nested too deeply; images are nested 3 or 4 levels deep") from None
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not UTF-8 JSON") from None
+    except json.JSONDecodeError as error:
+        raise BadRequest(f"request body is not valid JSON ({error.msg} at line {error.lineno} "
+                         f"column {error.colno}); send JSON like {EXAMPLE}") from None
+
+
+def images_field(payload: Any) -> Any:
+    """The images of a decoded request: its `inputs` or `instances` value."""
+    if not isinstance(payload, dict):
+        raise BadRequest(f"the JSON body must be an object with an \"inputs\" or \"instances\" key; send {EXAMPLE}")
+    present = [key for key in INPUT_KEYS if key in payload]
+    if len(present) != 1:
+        found = "both" if present else "neither"
+        raise BadRequest(f"the JSON object needs exactly one of \"inputs\" or \"instances\" (found {found}); "
+                         "`dataframe_split` and `dataframe_records` do not apply to an image model")
+    value = payload[present[0]]
+    if isinstance(value, dict):  # {"inputs": {"pixels": [...]}}, by input name
+        if set(value) != {INPUT_NAME}:
+            raise BadRequest(f"named inputs must be {{\"{INPUT_NAME}\": [...]}}, the model's only input")
+        value = value[INPUT_NAME]
+    return value
+
+
+def as_images(value: Any, max_images: int) -> np.ndarray:
+    """(n, 28, 28, 1) float32 pixels from nested lists, or BadRequest naming what is wrong."""
+    if not isinstance(value, list) or not value:
+        raise BadRequest("no images: send a non-empty list of 28x28 images")
+    if len(value) > max_images:
+        raise BadRequest(f"{len(value)} images in one request; this server takes at most {max_images}: "
+                         "split the batch", status=413)
+    try:
+        array = np.asarray(value)
+    except (ValueError, OverflowError):  # ragged lists
+        raise BadRequest("images are not all 28x28: the nested lists have different lengths") from None
+    if array.dtype.kind not in "iuf":
+        raise BadRequest("pixels must be numbers (found strings, booleans, nulls, objects or ragged lists)")
+    if array.ndim == 4 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
+        raise BadRequest(f"images have shape {array.shape[1:]}; each must be 28x28 (or 28x28x1)")
+    pixels = array.astype(np.float32)
+    if not np.isfinite(pixels).all():
+        raise BadRequest("pixels must be finite numbers (found a value too large for float32)")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < 0 or high > 255:
+        value = low if low < 0 else high
+        raise BadRequest(f"pixel value {value:g} is out of range; pixels are raw grey levels from 0 to 255")
+    return pixels.reshape(-1, SIDE, SIDE, 1)
+
+
+def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> np.ndarray:
+    """Validated images of an /invocations request body."""
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise BadRequest(f"content type {media_type or 'none'!r} is not supported; send "
+                         "Content-Type: application/json", status=415)
+    return as_images(images_field(read_json(body)), max_images)
+
