@@ -83,6 +83,24 @@ def compare_predictions(reference: np.ndarray, candidate: np.ndarray,
     return None
 
 
+SERVING_PACKAGES = ("mlflow", "keras", "tensorflow", "tensorflow-cpu", "onnxruntime")
+
+
+def model_requirements() -> list[str]:
+    """The logged model's pip requirements: what loads it (Keras flavour, ONNX copy), pinned to this
+    environment. Given explicitly, because MLflow infers them by loading the model in a subprocess
+    (about 20 s per model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    requirements = []
+    for package in SERVING_PACKAGES:
+        try:
+            requirements.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:  # tensorflow-cpu on x86-64 Linux, tensorflow elsewhere
+            pass
+    return requirements
+
+
 def log_keras_model(model, signature, input_example, name: str = "model"):
     """`mlflow.keras.log_model(model, name, signature, input_example)` plus the model as ONNX
     (`ONNX_FILE`, the fast serving path) in the same folder; returns its ModelInfo.
@@ -104,4 +122,4 @@ def log_keras_model(model, signature, input_example, name: str = "model"):
     with warnings.catch_warnings():  # MLflow checks the example by predicting it as a bare array, which Keras
         warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match")  # takes, warning
         return Model.log(artifact_path=None, name=name, flavor=flavor, model=model, signature=signature,
-                         input_example=input_example)
+                         input_example=input_example, pip_requirements=model_requirements())

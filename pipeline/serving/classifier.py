@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, redact
 from pipeline.core.export import HASH_TAGS, ONNX_FILE, compare_predictions, model_hashes, sha256_file
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def load_registered(uri: str) -> OnnxClassifier:
             classifier = OnnxClassifier(check_model_folder(folder, version))
     except (MlflowException, OSError) as error:
         raise PipelineError(
-            f"cannot load model {uri!r} from MLflow at {store} ({first_line(error)}); "
+            f"cannot load model {uri!r} from MLflow at {redact(store)} ({redact(first_line(error))}); "
             "train and promote a model first, or pass --model with another models:/ URI or a .keras file"
         ) from None
     log.info("loaded %s: %s version %s (%s verified)", uri, version.name, version.version, HASH_TAGS[ONNX_FILE])

@@ -227,7 +227,11 @@ def listen(host: str, port: int) -> socket.socket:
     """A bound listening socket, so a busy port fails with one line before uvicorn starts."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family)
+        server = socket.create_server((host, port), family=family)
+        # accepted connections inherit it: uvicorn writes headers and body apart, and Nagle's algorithm
+        # would hold the body until the client's delayed ACK (40 ms per request)
+        server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return server
     except OSError as error:  # create_server's message repeats the address; errno's is enough
         reason = os.strerror(error.errno) if (error.errno or 0) > 0 else error.strerror
         raise PipelineError(f"cannot listen on {host}:{port} ({reason}); pass another --port or --host") from None

@@ -14,6 +14,8 @@ import yaml
 
 from tests.e2e.conftest import dvc, project_env, run
 
+HANDWRITING_SAMPLE = Path(__file__).resolve().parents[1] / "handwriting" / "0001_1.png"
+
 pytestmark = pytest.mark.slow
 
 
@@ -82,6 +84,12 @@ def test_version_is_registered_with_metrics_and_champion(tiny_project):
     assert float(version.tags["test_accuracy"]) > 0.5
     assert version.tags["validation_status"] == "promoted"
     assert client.get_model_version_by_alias("mnist-cnn", "champion").version == version.version
+    assert len(version.tags["onnx_sha256"]) == 64 and len(version.tags["keras_sha256"]) == 64
+    served = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--json", "--model",
+                             f"models:/mnist-cnn/{version.version}", str(HANDWRITING_SAMPLE)], cwd=tiny_project,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert 0 <= json.loads(served.stdout)[0]["label"] <= 9  # the ensemble's ONNX copy loads and answers
     assert client.get_model_version_by_alias("mnist-cnn", "challenger").version == version.version
 
 
@@ -237,7 +245,8 @@ def test_second_clone_pulls_instead_of_recomputing(tiny_project, tmp_path):
 def test_exp_run_tags_the_run_and_the_version_with_the_experiment(tiny_project, tmp_path):
     """`dvc exp run --temp -S ...` trains a variant without touching the workspace; its MLflow run and
     registered version both name the DVC experiment (here in a store of its own, so the shared
-    registry keeps its one version)."""
+    registry keeps its one version). The variant is an ensemble of two members (`train.members`):
+    one model, registered, hash-checked and served like any other."""
     import subprocess
 
     git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
@@ -247,7 +256,7 @@ def test_exp_run_tags_the_run_and_the_version_with_the_experiment(tiny_project, 
     store = f"sqlite:///{tmp_path / 'exp.db'}"
     env = project_env(tiny_project) | {"MLFLOW_TRACKING_URI": store}
     result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "one-epoch",
-                             "-S", "train.epochs=1"], cwd=tiny_project, env=env, capture_output=True, text=True,
+                             "-S", "train.epochs=1", "-S", "train.members=2"], cwd=tiny_project, env=env, capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
@@ -265,6 +274,8 @@ def test_exp_run_tags_the_run_and_the_version_with_the_experiment(tiny_project, 
     assert train_run.data.tags["dvc_exp_name"] == "one-epoch"
     assert train_run.data.params["train.epochs"] == "1"
     assert len(client.get_metric_history(train_run.info.run_id, "val_accuracy")) == 1
+    assert train_run.data.params["train.members"] == "2"
+    assert {"member2/val_accuracy", "ensemble_val_accuracy"} <= set(train_run.data.metrics)
     (version,) = client.search_model_versions("name='mnist-cnn'")
     assert version.run_id == train_run.info.run_id
     assert version.tags["dvc_exp_name"] == "one-epoch"
@@ -272,6 +283,12 @@ def test_exp_run_tags_the_run_and_the_version_with_the_experiment(tiny_project, 
     assert version.tags["git_commit"] == train_run.data.tags["mlflow.source.git.commit"] != "unknown"
     assert version.tags["params_hash"] == train_run.data.tags["params_hash"]
     assert client.get_model_version_by_alias("mnist-cnn", "champion").version == version.version
+    assert len(version.tags["onnx_sha256"]) == 64 and len(version.tags["keras_sha256"]) == 64
+    served = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--json", "--model",
+                             f"models:/mnist-cnn/{version.version}", str(HANDWRITING_SAMPLE)], cwd=tiny_project,
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert served.returncode == 0, served.stderr[-2000:]
+    assert 0 <= json.loads(served.stdout)[0]["label"] <= 9  # the ensemble's ONNX copy loads and answers
     listing = subprocess.run([sys.executable, "-m", "pipeline", "registry"], cwd=tiny_project, env=env,
                              capture_output=True, text=True, check=True).stdout
     assert "dvc_exp" in listing.splitlines()[0] and "one-epoch" in listing

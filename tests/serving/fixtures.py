@@ -53,7 +53,8 @@ def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path) ->
 
     tracking.configure_tracking()
     model = keras.saving.load_model(model_path)
-    pixels = np.stack([mnist_digit(mnist, index)[0] for index in range(64)])
+    with np.load(mnist) as data:
+        pixels = data["x_test"][:64]
     experiment = mlflow.create_experiment(f"register-{name}-{artifacts.name}", artifact_location=artifacts.as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
         info = log_keras_model(model, model_signature(), as_model_input(pixels[:1]))
