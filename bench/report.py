@@ -27,10 +27,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+LIBRARY_LABELS = {"tensorflow": "TensorFlow", "keras": "Keras", "mlflow": "MLflow", "onnxruntime": "ONNX Runtime",
+                  "uvicorn": "uvicorn"}
+
+
 def machine_line(machine: dict) -> str:
     load = machine.get("load_average_1m_at_start")
-    return (f"{machine['cpu_model']}, {machine['usable_cores']} usable core(s), TensorFlow {machine.get('tensorflow', '?')}, "
-            f"Keras {machine.get('keras', '?')}, Python {machine['python']}, {machine['date'][:10]}"
+    libraries = "".join(f", {label} {machine[key]}" for key, label in LIBRARY_LABELS.items() if machine.get(key))
+    return (f"{machine['cpu_model']}, {machine['usable_cores']} usable core(s){libraries}, "
+            f"Python {machine['python']}, {machine['date'][:10]}"
             + (f", load average {load} at start" if load is not None else ""))
 
 

@@ -223,6 +223,12 @@ def measure_throughput(port: int, body: bytes, clients: int, seconds: float) -> 
             "p99_ms": round(float(np.percentile(merged, 99)) * 1000, 3) if merged else None}
 
 
+def serving_versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {package: version(package) for package in ("mlflow", "onnxruntime", "uvicorn")}
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     return round(numerator / denominator, 2) if numerator and denominator else None
 
@@ -264,7 +270,7 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
     many = f"throughput_{CLIENT_COUNTS[-1]}_clients"
     return {
         "benchmark": "serve",
-        "machine": machine_info(),
+        "machine": machine_info(serving_versions()),
         "model": {"uri": uri, "name": model_name, "version": str(version)},
         "settings": {"latency_requests": requests, "throughput_seconds": seconds, "client_counts": list(CLIENT_COUNTS),
                      "body": "one test image as {\"inputs\": [[[[0..255]]]]} JSON integers"},
