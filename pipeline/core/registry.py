@@ -64,12 +64,33 @@ def should_promote(candidate_accuracy: float, champion_accuracy: float | None, m
     return decide_promotion(candidate_accuracy, champion_accuracy, margin).promote
 
 
+DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def check_database_server(uri: str, timeout_s: float = 5.0) -> None:
+    """A database server that does not answer fails in seconds, instead of after the ~100 s of
+    retries MLflow's SQLAlchemy store makes before it gives up."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = DATABASE_PORTS.get(parts.scheme.split("+")[0])
+    if port is None or not parts.hostname:
+        return
+    try:
+        socket.create_connection((parts.hostname, parts.port or port), timeout=timeout_s).close()
+    except OSError as error:
+        raise PipelineError(f"MLflow tracking store {redact(uri)} is unreachable ({error.strerror or type(error).__name__}); "
+                            "start the database, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
+
+
 def client():
     from mlflow import MlflowClient
 
-    from pipeline.core.tracking import configure_tracking, first_line
+    from pipeline.core.tracking import configure_tracking, first_line, registry_uri
 
     uri = configure_tracking()
+    check_database_server(registry_uri())
     try:
         return MlflowClient()
     except Exception as error:  # an unreachable database fails here, as sqlalchemy's error

@@ -211,7 +211,7 @@ def open_study(params: Params, storage=None, create: bool = True, sampler_offset
 
 
 def close_failed_trial_runs(study) -> int:
-    """Mark the MLflow runs of trials that died with their worker as FAILED (they stay RUNNING)."""
+    """Mark the MLflow runs of trials that died with their worker as FAILED (SIGKILL leaves them RUNNING)."""
     from mlflow import MlflowClient
 
     client, closed = MlflowClient(), 0
@@ -223,7 +223,8 @@ def close_failed_trial_runs(study) -> int:
             run = client.get_run(run_id)
         except Exception:  # the run lives in another tracking store
             continue
-        if run.info.status == "RUNNING":
+        # RUNNING, or KILLED by tracking.close_orphaned_runs as the session started: a failed trial's run is FAILED
+        if run.info.status in ("RUNNING", "KILLED") and "optuna.state" not in run.data.tags:
             client.set_tag(run_id, "optuna.state", "FAIL")
             client.set_terminated(run_id, status="FAILED")
             closed += 1
