@@ -16,7 +16,7 @@ import keras
 from keras import layers
 
 from pipeline.core.config import Recipe
-from pipeline.core.errors import PipelineError
+from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.model import INPUT_SHAPE
 from pipeline.core.training import fit
 
@@ -79,9 +79,8 @@ def fit_members(recipe: Recipe, members: int, epochs: int, patience: int, x_trai
         except Exception as error:
             if members == 1:
                 raise  # a single model fails as it always has
-            reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise MemberFailed(f"member {index} of {members} (seed {member_seed}) failed: {type(error).__name__}: "
-                               f"{reason}; no ensemble was saved") from error
+                               f"{first_line(error)}; no ensemble was saved") from error
         models.append(model)
         histories.append(history)
     return models, histories

@@ -21,10 +21,10 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError, redact
 from pipeline.core.export import HASH_TAGS, ONNX_FILE, compare_predictions, model_hashes, sha256_file
+from pipeline.serving.images import SIDE
 
 log = logging.getLogger(__name__)
 
-SIDE = 28
 PROJECT_FLAVOURS = {"keras", "python_function"}
 
 

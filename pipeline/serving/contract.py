@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-SIDE = 28
+from pipeline.serving.images import SIDE
+
 INPUT_NAME = "pixels"  # the signature's input (core.model.model_signature)
 INPUT_KEYS = ("inputs", "instances")
 MAX_MESSAGE_CHARS = 600  # error bodies stay far under 4 KiB
