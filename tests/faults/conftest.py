@@ -83,3 +83,23 @@ def mlflow_server(tmp_path):
     for server in servers:
         server.terminate()
         server.wait(timeout=30)
+
+
+def start_two_tuning_workers(project: Path, storage: str, tracking_uri: str, **knobs) -> tuple[subprocess.Popen, str, dict]:
+    """`python -m pipeline tune --workers 2` in the copied `project`: 4 untuned-pruner trials of 3 epochs
+    on 1,500 images with the study on `storage` and runs on `tracking_uri`, after fetch and preprocess;
+    `knobs` (params.yaml keys) come on top. Returns (the launcher, its output on .stdout; the study
+    name; the environment it runs in)."""
+    from pipeline.core.config import load_params
+    from pipeline.tuning.study import study_name
+    from tests.e2e.conftest import project_env, run, tiny_params
+
+    tiny_params(project / "params.yaml", **{
+        "tune.storage": storage, "tune.n_trials": 4, "tune.epochs": 3, "tune.train_images": 1500,
+        "tune.pruner": "none", **knobs})
+    for stage in ("pipeline.fetch", "pipeline.preprocess"):
+        run([sys.executable, "-m", stage], project)
+    env = project_env(project) | {"MLFLOW_TRACKING_URI": tracking_uri}
+    launcher = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--workers", "2"], cwd=project, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return launcher, study_name(load_params(project / "params.yaml")), env

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import optuna
 import pytest
 
 from tests.conftest import copy_project
-from tests.e2e.conftest import project_env, run, tiny_params
+from tests.faults.conftest import start_two_tuning_workers
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
@@ -28,19 +26,8 @@ def test_two_workers_share_a_study_and_survive_a_killed_worker(project, postgres
 
     study_db, tracking_db = postgres_database(), postgres_database()  # both use alembic_version: keep apart
     tracking_uri = mlflow_server(tracking_db)
-    tiny_params(project / "params.yaml", **{
-        "tune.storage": study_db, "tune.n_trials": 4, "tune.epochs": 3, "tune.train_images": 1500,
-        "tune.pruner": "none", "tune.heartbeat_interval_s": 1, "tune.grace_period_s": 4})
-    for stage in ("pipeline.fetch", "pipeline.preprocess"):
-        run([sys.executable, "-m", stage], project)
-
-    from pipeline.core.config import load_params
-    from pipeline.tuning.study import study_name
-
-    name = study_name(load_params(project / "params.yaml"))
-    env = project_env(project) | {"MLFLOW_TRACKING_URI": tracking_uri}
-    launcher = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--workers", "2"], cwd=project, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher, name, _ = start_two_tuning_workers(project, study_db, tracking_uri, **{
+        "tune.heartbeat_interval_s": 1, "tune.grace_period_s": 4})
     storage = optuna.storages.RDBStorage(study_db)
     victim = None
     deadline = time.monotonic() + 400

@@ -16,8 +16,9 @@ from urllib.parse import urlsplit
 import optuna
 import pytest
 
-from pipeline.tuning.study import STORAGE_RETRY_S, make_storage
+from pipeline.tuning.study import make_storage
 from tests.conftest import copy_project, free_port
+from tests.faults.conftest import start_two_tuning_workers
 from tests.helpers import params_with
 
 OUTAGE_S = 20
@@ -176,27 +177,14 @@ class CuttableProxy:
 @pytest.mark.slow
 @pytest.mark.postgres
 def test_a_storage_outage_mid_study_loses_no_trial_and_no_worker(tmp_path, postgres_database, mlflow_server):
-    from tests.e2e.conftest import project_env, run, tiny_params
-
     study_db, tracking_db = postgres_database(), postgres_database()
     server = urlsplit(study_db)
     proxy = CuttableProxy((server.hostname, server.port or 5432))
     through_proxy = study_db.replace(server.netloc, f"{server.netloc.rsplit('@', 1)[0]}@127.0.0.1:{proxy.port}")
     tracking_uri = mlflow_server(tracking_db)  # MLflow reaches PostgreSQL directly: only the study's storage fails
     project = copy_project(tmp_path / "project")
-    tiny_params(project / "params.yaml", **{
-        "tune.storage": through_proxy, "tune.n_trials": 4, "tune.epochs": 3, "tune.train_images": 1500,
-        "tune.pruner": "none", "tune.heartbeat_interval_s": 2, "tune.grace_period_s": OUTAGE_S + 10})
-    for stage in ("pipeline.fetch", "pipeline.preprocess"):
-        run([sys.executable, "-m", stage], project)
-
-    from pipeline.core.config import load_params
-    from pipeline.tuning.study import study_name
-
-    name = study_name(load_params(project / "params.yaml"))
-    env = project_env(project) | {"MLFLOW_TRACKING_URI": tracking_uri}
-    launcher = subprocess.Popen([sys.executable, "-m", "pipeline", "tune", "--workers", "2"], cwd=project, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launcher, name, env = start_two_tuning_workers(project, through_proxy, tracking_uri, **{
+        "tune.heartbeat_interval_s": 2, "tune.grace_period_s": OUTAGE_S + 10})
     output: list[str] = []
     threading.Thread(target=lambda: output.extend(launcher.stdout), daemon=True).start()
     direct = optuna.storages.RDBStorage(study_db)  # the test's own view, around the proxy
