@@ -121,7 +121,8 @@ def tiny_project(tmp_path_factory) -> Path:
     from tests.e2e.conftest import dvc, tiny_params
 
     project = copy_project(tmp_path_factory.mktemp("project"))
-    tiny_params(project / "params.yaml")
+    default_sources = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["fetch"]["sources"]
+    tiny_params(project / "params.yaml", **{"fetch.sources": default_sources})  # the real fallback, once
     first = dvc("repro", project=project)
     (project / ".dvc" / "tmp" / "first-repro.log").write_text(first.stdout + first.stderr)  # what a user reads
     return project

