@@ -1,4 +1,4 @@
-"""`python -m bench train|pruning|workers|serve`: run one benchmark, write <out>/<name>.json and <name>.md."""
+"""`python -m bench train|pruning|workers|sprint|serve`: run one benchmark, write <out>/<name>.json and <name>.md."""
 
 from __future__ import annotations
 
@@ -67,13 +67,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="an RDB URL both arms use, e.g. postgresql+psycopg://postgres@127.0.0.1/bench")
     workers.add_argument("--trials", type=positive_int, default=8, help="trials per arm (default 8)")
 
+    sprint = commands.add_parser("sprint", help="presets.sprint vs the reference: training seconds to 99.0 %%, several seeds")
+    sprint.add_argument("--seeds", type=positive_int, default=5, help="seeds, from params.yaml's seed up (default 5)")
+    sprint.add_argument("--epochs-sprint", type=positive_int, default=2, help="epochs the sprint trains (default 2)")
+    sprint.add_argument("--epochs-reference", type=positive_int, default=10,
+                        help="most epochs the reference gets to reach 99.0 %% (default 10)")
+    sprint.add_argument("--train-limit", type=non_negative_int, default=0, help="stratified training subset (0: all)")
+    sprint.add_argument("--test-limit", type=non_negative_int, default=0, help="stratified test subset (0: all)")
+
     serve = commands.add_parser("serve", help="`python -m pipeline serve` vs `mlflow models serve` of the champion")
     serve.add_argument("--requests", type=positive_int, default=300,
                        help="timed one-image requests per server (default 300)")
     serve.add_argument("--seconds", type=positive_float, default=15.0,
                        help="seconds per throughput measurement (default 15)")
 
-    for command in (train, pruning, workers, serve):
+    for command in (train, pruning, workers, sprint, serve):
         command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         command.add_argument("--out", type=Path, default=BENCH_DIR, help=f"output folder (default: {BENCH_DIR})")
     return parser.parse_args(argv)
@@ -106,6 +114,16 @@ def bench_workers(args: argparse.Namespace, params) -> tuple[dict, str]:
     return record, workers_markdown(record)
 
 
+def bench_sprint(args: argparse.Namespace, params) -> tuple[dict, str]:
+    from bench.report import sprint_markdown
+    from bench.sprint import run_sprint_benchmark, sprint_jobs
+
+    seeds = [params.seed + offset for offset in range(args.seeds)]
+    jobs = sprint_jobs(params, seeds, args.epochs_sprint, args.epochs_reference, args.train_limit, args.test_limit)
+    record = run_sprint_benchmark(params, jobs)
+    return record, sprint_markdown(record)
+
+
 def bench_serve(args: argparse.Namespace, params) -> tuple[dict, str]:
     from bench.serving import run_serve_benchmark, serve_markdown
     from pipeline.core.data import load_split
@@ -115,8 +133,9 @@ def bench_serve(args: argparse.Namespace, params) -> tuple[dict, str]:
     return record, serve_markdown(record)
 
 
-BENCHMARKS = {"train": bench_train, "pruning": bench_pruning, "workers": bench_workers, "serve": bench_serve}
-OUTPUT_STEMS = {"train": "results", "pruning": "pruning", "workers": "workers", "serve": "serve"}
+BENCHMARKS = {"train": bench_train, "pruning": bench_pruning, "workers": bench_workers, "sprint": bench_sprint,
+              "serve": bench_serve}
+OUTPUT_STEMS = {"train": "results", "pruning": "pruning", "workers": "workers", "sprint": "sprint", "serve": "serve"}
 
 
 @exit_on_user_error

@@ -125,3 +125,27 @@ def pruning_markdown(record: dict) -> str:
         f"{settings['seed']}. Pruning saved {percent(saved['trial_epochs_saved_fraction'])} of trial-epochs. "
         f"{machine_line(record['machine'])}.",
     ])
+
+
+def sprint_markdown(record: dict) -> str:
+    runs, medians = record["runs"], record["median_seconds_to_target"]
+    target = f"{100 * record['settings']['target_test_accuracy']:.1f} %"
+
+    def cell(row: dict) -> str:
+        if row["seconds_to_target"] is None:
+            return f"not reached ({percent(max(row['test_accuracy_by_epoch']))} in {row['epochs_trained']} epochs)"
+        return f"{row['seconds_to_target']:.1f} s ({row['epochs_to_target']} epochs)"
+
+    rows = [[str(reference["seed"]), cell(reference), cell(sprint)]
+            for reference, sprint in zip(runs["reference"], runs["sprint"])]
+    rows.append(["median", number(medians["reference"], suffix=" s"), number(medians["sprint"], suffix=" s")])
+    reaching, settings = record["seeds_reaching_target"], record["settings"]
+    return "\n".join([
+        table(["seed", f"reference: time to {target}", f"`sprint`: time to {target}"], rows),
+        "",
+        f"Median sprint / reference: **{times(record['ratios_sprint_over_reference']['time_to_99_0'])}**; seeds reaching "
+        f"{target}: reference {reaching['reference']}, sprint {reaching['sprint']} of {len(settings['seeds'])} (at most "
+        f"{settings['max_epochs']['reference']} and {settings['max_epochs']['sprint']} epochs). Training seconds on "
+        f"{settings['train_images']:,} images, test split scored after every epoch (not timed); each run in its own "
+        f"process. {machine_line(record['machine'])}.",
+    ])

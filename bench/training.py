@@ -47,7 +47,8 @@ class TrainJob:
     train_limit: int
     test_limit: int
     batch_sizes: tuple[int, ...] = BATCH_SIZES
-    inference_seconds: float = 2.0
+    inference_seconds: float = 2.0  # 0: no inference timing
+    stop_at: float | None = None  # stop after the first epoch whose test accuracy reaches this
 
 
 # ---- pure pieces ------------------------------------------------------------------------------
@@ -105,9 +106,10 @@ def served_throughput(model, images: np.ndarray, batch_sizes: tuple[int, ...], m
 
 # ---- the training process ------------------------------------------------------------------------
 
-def make_test_clock(x_test: np.ndarray, y_test: np.ndarray):
+def make_test_clock(x_test: np.ndarray, y_test: np.ndarray, stop_at: float | None = None):
     """A Keras callback that, at every epoch end, notes the cumulative training time *before*
-    scoring the test split (model.predict), then keeps the scoring time out of later readings."""
+    scoring the test split (model.predict), then keeps the scoring time out of later readings; with
+    `stop_at`, training stops once the test accuracy reaches it."""
     import keras
 
     class TestClock(keras.callbacks.Callback):
@@ -126,6 +128,8 @@ def make_test_clock(x_test: np.ndarray, y_test: np.ndarray):
             self.test_accuracy.append(accuracy)
             self.evaluation_seconds += time.perf_counter() - now
             log.info("epoch %d: %.1f s of training, test accuracy %.4f", epoch + 1, self.train_seconds[-1], accuracy)
+            if stop_at is not None and accuracy >= stop_at:
+                self.model.stop_training = True
 
     return TestClock()
 
@@ -156,7 +160,7 @@ def run_job(job: TrainJob) -> dict:
     keras.mixed_precision.set_global_policy(job.dtype_policy)  # overrides the one setup_tensorflow chose
     try:
         model, leading_callbacks = prepare_training(job.recipe, job.seed, len(train), job.epochs)
-        clock = make_test_clock(x_test, test.y)
+        clock = make_test_clock(x_test, test.y, job.stop_at)
         log.info("%s: preset %s%s, %d epochs on %d images, %s", job.role, job.preset, " (tuned)" if job.tuned else "",
                  job.epochs, len(train), job.dtype_policy)
         clock.started = time.perf_counter()
@@ -165,15 +169,18 @@ def run_job(job: TrainJob) -> dict:
         train_seconds = clock.train_seconds[-1]  # at the last epoch's end, like every per-epoch reading
         peak_rss_train = peak_rss_mib()
         model = inference_model(model, job.recipe)  # what train saves and serves
-        inference = inference_throughput(model.predict_on_batch, x_test, job.batch_sizes, job.inference_seconds)
-        keras_predict = inference_throughput(lambda batch: model.predict(batch, verbose=0), x_test, (1,),
-                                             job.inference_seconds)["1"]
-        served = served_throughput(model, x_test, job.batch_sizes, job.inference_seconds)
+        inference = keras_predict = served = None
+        if job.inference_seconds > 0:
+            inference = inference_throughput(model.predict_on_batch, x_test, job.batch_sizes, job.inference_seconds)
+            keras_predict = inference_throughput(lambda batch: model.predict(batch, verbose=0), x_test, (1,),
+                                                 job.inference_seconds)["1"]
+            served = served_throughput(model, x_test, job.batch_sizes, job.inference_seconds)
         parameters = model.count_params()
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
     per_epoch = [b - a for a, b in zip([0.0, *clock.train_seconds], clock.train_seconds)]
+    trained = len(per_epoch)  # job.epochs, or fewer when `stop_at` was reached
     return {
         "role": job.role,
         "preset": job.preset,
@@ -183,10 +190,10 @@ def run_job(job: TrainJob) -> dict:
         "parameters": parameters,
         "train_images": len(train),
         "test_images": len(test),
-        "epochs": job.epochs,
+        "epochs": trained,
         "train_seconds": round(train_seconds, 3),
-        "seconds_per_epoch": round(train_seconds / job.epochs, 3),
-        "seconds_per_epoch_after_first": round(sum(per_epoch[1:]) / (job.epochs - 1), 3) if job.epochs > 1 else None,
+        "seconds_per_epoch": round(train_seconds / trained, 3),
+        "seconds_per_epoch_after_first": round(sum(per_epoch[1:]) / (trained - 1), 3) if trained > 1 else None,
         "test_evaluation_seconds_excluded": round(clock.evaluation_seconds, 3),
         "train_seconds_by_epoch": [round(s, 3) for s in clock.train_seconds],
         "test_accuracy_by_epoch": [round(a, 5) for a in clock.test_accuracy],

@@ -21,7 +21,7 @@ from pipeline.core.runtime import setup_logging, setup_tensorflow
 log = logging.getLogger("pipeline.train")
 
 # the params sections this stage reads (its dvc.yaml entry lists the same)
-PARAMS = ("seed", "runtime", "train", "presets", "tracking")
+PARAMS = ("seed", "runtime", "train", "presets.${train.preset}", "tracking")  # one preset only
 INPUT_EXAMPLE_IMAGES = 3  # real digits saved with the logged model as its input example
 
 

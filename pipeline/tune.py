@@ -28,7 +28,7 @@ from pipeline.tuning.study import (
 log = logging.getLogger("pipeline.tune")
 
 # the params sections this stage reads (its dvc.yaml entry lists the same)
-PARAMS = ("seed", "runtime", "preprocess", "tune", "presets", "tracking")
+PARAMS = ("seed", "runtime", "preprocess", "tune", "presets.${tune.base_preset}", "tracking")  # one preset only
 
 
 def write_results(study, params: Params) -> dict:

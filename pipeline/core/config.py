@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal
@@ -244,6 +245,24 @@ class Unlisted:
                             f"list for it; add `{self._section}` to the stage's params in dvc.yaml")
 
 
+class UnlistedPresets(dict):
+    """The presets a stage may read: the one its dvc.yaml entry names (`presets.${train.preset}`); any
+    other is a bug (DVC would not re-run the stage when it changes), so it fails loudly."""
+
+    def __init__(self, presets: dict, entry: str, stage: str):
+        super().__init__(presets)
+        self._entry, self._stage = entry, stage
+
+    def __missing__(self, name: str):
+        raise PipelineError(f"stage {self._stage} reads preset {name!r}, but dvc.yaml lists only `{self._entry}` "
+                            f"for it; read the preset that entry names")
+
+
+# A params entry naming one key of a section through another param, as dvc.yaml interpolates it:
+# `presets.${train.preset}` (DVC resolves it from params.yaml, so only that preset is a dependency).
+NARROWED_ENTRY = re.compile(r"^(?P<section>\w+)\.\$\{(?P<chooser>\w+\.\w+)\}$")
+
+
 class Params(_Strict):
     seed: int
     runtime: RuntimeParams
@@ -268,10 +287,18 @@ class Params(_Strict):
         return self.presets[name or self.train.preset]
 
     def only(self, stage: str, sections: Iterable[str]) -> "Params":
-        """A view for one stage: sections it does not list raise when read (see `Unlisted`)."""
-        keep = set(sections) | ALWAYS_READABLE
-        hidden = {name: Unlisted(name, stage) for name in Params.model_fields if name not in keep}
-        return self.model_copy(update=hidden)
+        """A view for one stage: sections it does not list raise when read (see `Unlisted`); a narrowed
+        entry (`presets.${train.preset}`) keeps only the key it names (see `UnlistedPresets`)."""
+        keep, narrowed = set(ALWAYS_READABLE), {}
+        for entry in sections:
+            if match := NARROWED_ENTRY.match(entry):
+                section, chooser = match["section"], match["chooser"].split(".")
+                name = getattr(getattr(self, chooser[0]), chooser[1])
+                narrowed[section] = UnlistedPresets({name: getattr(self, section)[name]}, entry, stage)
+            else:
+                keep.add(entry)
+        hidden = {name: Unlisted(name, stage) for name in Params.model_fields if name not in keep | set(narrowed)}
+        return self.model_copy(update={**hidden, **narrowed})
 
 
 def _describe(error: ValidationError) -> str:

@@ -45,6 +45,36 @@ def test_inference_throughput_warms_up_then_counts_images():
     assert set(result) == {"1", "32"} and all(r["calls"] == 5 and r["images_per_s"] > 0 for r in result.values())
 
 
+def test_sprint_medians_count_a_run_that_never_reached_the_target_as_slowest():
+    from bench.sprint import median_seconds, summarize
+
+    assert median_seconds([30.0, None, 10.0]) == 30.0
+    assert median_seconds([None, None, 10.0]) is None
+    row = lambda seconds: {"seconds_to_target": seconds}  # noqa: E731
+    summary = summarize({"reference": [row(100.0), row(None), row(80.0)], "sprint": [row(20.0), row(30.0), row(None)]})
+    assert summary["median_seconds_to_target"] == {"reference": 100.0, "sprint": 30.0}
+    assert summary["seeds_reaching_target"] == {"reference": 2, "sprint": 2}
+    assert summary["ratios_sprint_over_reference"] == {"time_to_99_0": 0.3}
+
+
+def test_the_test_clock_stops_training_at_the_target():
+    from bench.training import make_test_clock
+
+    labels = np.arange(10) % 10
+
+    class Perfect:  # predicts every label right: accuracy 1.0
+        stop_training = False
+
+        def predict(self, x, **kwargs):
+            return np.eye(10)[labels]
+
+    for stop_at, stops in ((0.99, True), (None, False)):
+        clock, model = make_test_clock(np.zeros((10, 28, 28, 1)), labels, stop_at), Perfect()
+        clock.set_model(model)
+        clock.on_epoch_end(0)
+        assert clock.test_accuracy == [1.0] and model.stop_training is stops
+
+
 def fake_trial(number: int, state: str, values: list[float]):
     """A finished trial that reported one value per epoch trained."""
     trial = optuna.trial.create_trial(
@@ -149,6 +179,26 @@ def test_train_benchmark_tiny(tiny_params, tmp_path):
         models["default"]["inference_served"]["1"]["images_per_s"], models["reference"]["inference_predict_batch_1"]["images_per_s"])
     markdown = (tmp_path / "results.md").read_text()
     assert markdown == train_markdown(record) + "\n" and "| Epochs to 99.0 % test accuracy |" in markdown
+
+
+@pytest.mark.slow
+def test_sprint_benchmark_tiny(tiny_params, tmp_path):
+    from bench.report import sprint_markdown
+
+    run_bench("sprint", "--params", str(tiny_params), "--seeds", "1", "--epochs-sprint", "1", "--epochs-reference", "2",
+              out=tmp_path)
+    record = json.loads((tmp_path / "sprint.json").read_text())
+    presets = yaml.safe_load(tiny_params.read_text())["presets"]
+    assert record["recipes"] == {name: Recipe.model_validate(presets[name]).model_dump() for name in ("reference", "sprint")}
+    assert record["settings"]["seeds"] == [yaml.safe_load(tiny_params.read_text())["seed"]]
+    assert record["settings"]["max_epochs"] == {"reference": 2, "sprint": 1}
+    for role, epochs in (("reference", 2), ("sprint", 1)):
+        (run,) = record["runs"][role]
+        assert run["epochs_trained"] == epochs == len(run["test_accuracy_by_epoch"])  # 400 images never reach 99 %
+        assert run["seconds_to_target"] is None and run["epochs_to_target"] is None
+    assert record["median_seconds_to_target"] == {"reference": None, "sprint": None}
+    assert record["ratios_sprint_over_reference"] == {"time_to_99_0": None}
+    assert (tmp_path / "sprint.md").read_text() == sprint_markdown(record) + "\n" and "not reached" in sprint_markdown(record)
 
 
 @pytest.mark.slow

@@ -75,6 +75,25 @@ def test_params_hash_is_stable_and_sensitive(repo_root):
     assert params_hash(parse_params(raw)) != params_hash(first)
 
 
+def test_a_stage_view_hides_unlisted_sections_and_every_preset_but_its_own(repo_root):
+    """`Params.only`: what dvc.yaml does not list for a stage fails when read, and a narrowed entry
+    (`presets.${train.preset}`) leaves just that preset, so the stage's params hash ignores the others."""
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    raw["train"]["preset"] = "fast"
+    sections = ("seed", "train", "presets.${train.preset}")
+    view = parse_params(raw).only("train", sections)
+    assert view.recipe() == parse_params(raw).presets["fast"]
+    with pytest.raises(PipelineError, match=r"reads preset 'reference', but dvc.yaml lists only `presets.\$\{train.preset\}`"):
+        view.recipe("reference")
+    with pytest.raises(PipelineError, match="reads params section 'evaluate'"):
+        view.evaluate.batch_size
+    raw["presets"]["another"] = raw["presets"]["reference"]  # a new preset, and another one changed
+    raw["presets"]["reference"]["dropout"] = 0.11
+    assert params_hash(parse_params(raw).only("train", sections)) == params_hash(view)
+    raw["presets"]["fast"]["dropout"] = 0.11  # the stage's own preset changed
+    assert params_hash(parse_params(raw).only("train", sections)) != params_hash(view)
+
+
 def test_params_yaml_is_the_only_source_of_defaults():
     """No pipeline knob has a code default: a missing section or key is an error naming it."""
     from pipeline.core.config import Params, Recipe

@@ -114,6 +114,25 @@ def test_a_code_change_reruns_every_stage_that_runs_the_code(tiny_project, modul
     assert changed_stages(tiny_project) == set()
 
 
+def test_only_the_presets_a_stage_uses_are_its_dependencies(tiny_project):
+    """A new preset, or a change to one nobody trains, re-runs nothing; a change to the trained preset
+    re-runs the study and the training (the tiny project tunes and trains `reference`)."""
+    path = tiny_project / "params.yaml"
+    original = path.read_text()
+    params = yaml.safe_load(original)
+    try:
+        params["presets"]["sprint-variant"] = dict(params["presets"]["fast"], dropout=0.0)
+        params["presets"]["fast"]["dropout"] = 0.1
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert changed_stages(tiny_project) == set()
+        params["presets"]["reference"]["dropout"] = 0.1
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert changed_stages(tiny_project) == {"tune", "train"}
+    finally:
+        path.write_text(original)
+    assert changed_stages(tiny_project) == set()
+
+
 def test_evaluate_param_reruns_only_evaluate_without_a_duplicate_version(tiny_project):
     params_path = tiny_project / "params.yaml"
     original = params_path.read_text()
