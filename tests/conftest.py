@@ -22,29 +22,10 @@ TINY_PROJECT_MODULES = ("tests/e2e/test_dvc_repro.py", "tests/e2e/test_serving.p
                         "tests/faults/test_training_faults.py")
 
 
-# The longest work units, longest first (minutes on two cores): handed out before the rest, so that
-# no worker is left alone with a long unit at the end while the other idles.
-LONGEST_UNITS = ("tiny_project", "tests/e2e/test_tune_study.py", "tests/faults/test_study_storage_faults.py",
-                 "tests/faults/test_distributed_tuning.py", "tests/code/test_bench.py",
-                 "tests/faults/test_bad_input.py", "tests/faults/test_hostile_input.py",
-                 "tests/e2e/test_registry_store.py", "tests/faults/test_promotion_lock.py")
-
-
 def work_unit(nodeid: str) -> str:
     """The xdist work unit of a test: its module (module fixtures are built once), or `tiny_project`."""
     module = nodeid.split("::", 1)[0]
     return "tiny_project" if module in TINY_PROJECT_MODULES else module
-
-
-def schedule_rank(nodeid: str) -> int:
-    unit = work_unit(nodeid)
-    return LONGEST_UNITS.index(unit) if unit in LONGEST_UNITS else len(LONGEST_UNITS)
-
-
-def pytest_collection_modifyitems(items):
-    """Longest work units first (a stable sort: each module keeps its own order); xdist hands units out
-    in this order (`--no-loadscope-reorder` in pyproject.toml)."""
-    items.sort(key=lambda item: schedule_rank(item.nodeid))
 
 
 @pytest.hookimpl(optionalhook=True)

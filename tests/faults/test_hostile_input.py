@@ -105,15 +105,17 @@ def store(tiny_model_path, mnist_file, tmp_path_factory):
     """A scratch store holding the tiny model as version 1 (registered the project's way)."""
     folder = tmp_path_factory.mktemp("hostile")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)  # mlflow.set_registry_uri exports it: never inherit another test's
     try:
         register_model(tiny_model_path, MODEL, mnist_file, folder / "artifacts")
     finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return {"env": {**env, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3"}, "folder": folder}
 
