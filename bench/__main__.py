@@ -1,4 +1,4 @@
-"""`python -m bench train|pruning|workers|sprint|serve`: run one benchmark, write <out>/<name>.json and <name>.md."""
+"""`python -m bench train|pruning|workers|sprint|accuracy|serve`: run one benchmark, write <out>/<name>.json and <name>.md."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench.report import write_results
+from bench.report import carry_sprint_section, write_results, write_sprint_section
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.runtime import setup_logging
@@ -75,13 +75,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sprint.add_argument("--train-limit", type=non_negative_int, default=0, help="stratified training subset (0: all)")
     sprint.add_argument("--test-limit", type=non_negative_int, default=0, help="stratified test subset (0: all)")
 
+    accuracy = commands.add_parser("accuracy", help="a preset over several seeds (validation-selected) and their ensemble")
+    accuracy.add_argument("--preset", default="accurate", help="the preset to train (default: accurate)")
+    accuracy.add_argument("--seeds", type=positive_int, default=3, help="seeds, from params.yaml's seed up (default 3)")
+    accuracy.add_argument("--epochs", type=positive_int, default=30, help="most epochs per seed (default 30)")
+    accuracy.add_argument("--patience", type=positive_int, default=None,
+                          help="early-stopping patience on val_accuracy (default: --epochs, i.e. none)")
+    accuracy.add_argument("--train-limit", type=non_negative_int, default=0, help="stratified training subset (0: all)")
+    accuracy.add_argument("--test-limit", type=non_negative_int, default=0, help="stratified test subset (0: all)")
+
     serve = commands.add_parser("serve", help="`python -m pipeline serve` vs `mlflow models serve` of the champion")
     serve.add_argument("--requests", type=positive_int, default=300,
                        help="timed one-image requests per server (default 300)")
     serve.add_argument("--seconds", type=positive_float, default=15.0,
                        help="seconds per throughput measurement (default 15)")
 
-    for command in (train, pruning, workers, sprint, serve):
+    for command in (train, pruning, workers, sprint, accuracy, serve):
         command.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
         command.add_argument("--out", type=Path, default=BENCH_DIR, help=f"output folder (default: {BENCH_DIR})")
     return parser.parse_args(argv)
@@ -124,6 +133,16 @@ def bench_sprint(args: argparse.Namespace, params) -> tuple[dict, str]:
     return record, sprint_markdown(record)
 
 
+def bench_accuracy(args: argparse.Namespace, params) -> tuple[dict, str]:
+    from bench.accuracy import run_accuracy_benchmark
+    from bench.report import accuracy_markdown
+
+    seeds = [params.seed + offset for offset in range(args.seeds)]
+    record = run_accuracy_benchmark(params, args.preset, seeds, args.epochs, args.patience or args.epochs,
+                                    args.train_limit, args.test_limit)
+    return record, accuracy_markdown(record)
+
+
 def bench_serve(args: argparse.Namespace, params) -> tuple[dict, str]:
     from bench.serving import run_serve_benchmark, serve_markdown
     from pipeline.core.data import load_split
@@ -134,8 +153,9 @@ def bench_serve(args: argparse.Namespace, params) -> tuple[dict, str]:
 
 
 BENCHMARKS = {"train": bench_train, "pruning": bench_pruning, "workers": bench_workers, "sprint": bench_sprint,
-              "serve": bench_serve}
-OUTPUT_STEMS = {"train": "results", "pruning": "pruning", "workers": "workers", "sprint": "sprint", "serve": "serve"}
+              "accuracy": bench_accuracy, "serve": bench_serve}
+OUTPUT_STEMS = {"train": "results", "pruning": "pruning", "workers": "workers", "sprint": "sprint", "accuracy": "accuracy",
+                "serve": "serve"}
 
 
 @exit_on_user_error
@@ -149,9 +169,12 @@ def main(argv: list[str] | None = None) -> None:
                             "(from the repository root)")
     record, markdown = BENCHMARKS[args.command](args, params)
     record = {"command": shlex.join(["python", "-m", "bench", *argv]), **record}
-    json_path, md_path = write_results(args.out, OUTPUT_STEMS[args.command], record, markdown)
+    stem = OUTPUT_STEMS[args.command]
+    json_path, md_path = write_results(args.out, stem, carry_sprint_section(args.out, stem, record), markdown)
     print(markdown)
     log.info("wrote %s and %s", json_path, md_path)
+    if args.command == "sprint":  # the ratio the README quotes, beside the train benchmark's
+        log.info("wrote the sprint's summary into %s (key %r)", write_sprint_section(args.out, record), "sprint")
 
 
 if __name__ == "__main__":

@@ -149,3 +149,65 @@ def sprint_markdown(record: dict) -> str:
         f"{settings['train_images']:,} images, test split scored after every epoch (not timed); each run in its own "
         f"process. {machine_line(record['machine'])}.",
     ])
+
+
+def accuracy_markdown(record: dict) -> str:
+    settings, ensemble = record["settings"], record["ensemble"]
+
+    def minutes(seconds: float) -> str:
+        return f"{seconds / 60:.1f} min"
+
+    rows = [[str(row["seed"]), percent(row["test_accuracy"]), str(row["test_errors"]),
+             percent(row["handwriting_accuracy"]), f"{row['best_epoch']} of {row['epochs_run']}",
+             minutes(row["train_seconds"])] for row in record["seeds"]]
+    spread = record["stdev_test_accuracy"]
+    rows.append(["mean", percent(record["mean_test_accuracy"]) + (f" ± {100 * spread:.2f}" if spread else ""), "",
+                 percent(record["mean_handwriting_accuracy"]), "", minutes(record["mean_train_seconds"])])
+    if ensemble:
+        rows.append([f"ensemble of the {ensemble['members']}", percent(ensemble["test_accuracy"]),
+                     str(ensemble["test_errors"]), percent(ensemble["handwriting_accuracy"]), "", ""])
+    return "\n".join([
+        table(["seed", "test accuracy", "errors", "handwriting", "best epoch (validation)", "training"], rows),
+        "",
+        f"`{settings['preset']}` for up to {settings['epochs']} epochs (patience {settings['patience']}), "
+        f"{settings['dtype_policy']}, on {settings['train_images']:,} training images; weights of the best "
+        f"validation epoch ({settings['val_images']:,} images), test split ({settings['test_images']:,}) and the "
+        f"handwriting set scored once afterwards; the ensemble is the one model averaging the seeds' "
+        f"probabilities (what `train.members` saves). {machine_line(record['machine'])}.",
+    ])
+
+
+# results.json, the train benchmark's record, also carries the latest sprint's summary under this key
+SPRINT_SECTION = "sprint"
+
+
+def sprint_section(record: dict) -> dict:
+    """What results.json keeps of a sprint record (the whole record is sprint.json)."""
+    return {"command": record["command"], "date": record["machine"]["date"], "seeds": record["settings"]["seeds"],
+            "median_seconds_to_99_0": record["median_seconds_to_target"],
+            "seeds_reaching_99_0": record["seeds_reaching_target"],
+            "time_to_99_0": record["ratios_sprint_over_reference"]["time_to_99_0"], "record": "sprint.json"}
+
+
+def read_record(path: Path) -> dict:
+    """A JSON record written earlier, or {} when there is none (or it is not a JSON object)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def carry_sprint_section(out_dir: Path, stem: str, record: dict) -> dict:
+    """The record to write as `<stem>.json`: a sprint's summary goes into results.json as well (returned
+    unchanged here, written by `write_sprint_section`); a new results.json keeps the previous one's."""
+    if stem != "results":
+        return record
+    previous = read_record(out_dir / "results.json").get(SPRINT_SECTION)
+    return record if previous is None else {**record, SPRINT_SECTION: previous}
+
+
+def write_sprint_section(out_dir: Path, record: dict) -> Path:
+    path = out_dir / "results.json"
+    write_atomically(path, json.dumps({**read_record(path), SPRINT_SECTION: sprint_section(record)}, indent=2) + "\n")
+    return path

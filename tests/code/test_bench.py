@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from bench.pruning import saving, summarize_arm, trial_record
-from bench.report import pruning_markdown, train_markdown
+from bench.report import carry_sprint_section, pruning_markdown, sprint_section, train_markdown, write_sprint_section
 from bench.training import default_dtype_policy, first_reaching, inference_throughput, ratio, threshold_key
 from pipeline.core.config import Recipe, load_params
 from pipeline.core.data import Split, stratified_take
@@ -199,6 +199,49 @@ def test_sprint_benchmark_tiny(tiny_params, tmp_path):
     assert record["median_seconds_to_target"] == {"reference": None, "sprint": None}
     assert record["ratios_sprint_over_reference"] == {"time_to_99_0": None}
     assert (tmp_path / "sprint.md").read_text() == sprint_markdown(record) + "\n" and "not reached" in sprint_markdown(record)
+    results = json.loads((tmp_path / "results.json").read_text())  # the ratio, beside the train benchmark's
+    assert results == {"sprint": sprint_section(record)} and results["sprint"]["time_to_99_0"] is None
+
+
+def test_results_json_keeps_the_latest_sprint_summary_across_train_benchmarks(tmp_path):
+    sprint = {"command": "python -m bench sprint", "machine": {"date": "2026-12-02T10:00:00+00:00"},
+              "settings": {"seeds": [42, 43]}, "median_seconds_to_target": {"reference": 250.0, "sprint": 40.0},
+              "seeds_reaching_target": {"reference": 2, "sprint": 2},
+              "ratios_sprint_over_reference": {"time_to_99_0": 0.16}}
+    (tmp_path / "results.json").write_text(json.dumps({"benchmark": "train", "models": {}}))
+    write_sprint_section(tmp_path, sprint)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["benchmark"] == "train" and results["sprint"]["time_to_99_0"] == 0.16
+    assert results["sprint"]["median_seconds_to_99_0"] == {"reference": 250.0, "sprint": 40.0}
+    new_train = {"benchmark": "train", "models": {"reference": {}}}
+    assert carry_sprint_section(tmp_path, "results", new_train) == {**new_train, "sprint": results["sprint"]}
+    assert carry_sprint_section(tmp_path, "pruning", new_train) == new_train
+    assert carry_sprint_section(tmp_path / "empty", "results", new_train) == new_train
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_tiny(tiny_params, tmp_path):
+    from bench.report import accuracy_markdown
+
+    run_bench("accuracy", "--params", str(tiny_params), "--seeds", "2", "--epochs", "2", "--patience", "1",
+              out=tmp_path)
+    record = json.loads((tmp_path / "accuracy.json").read_text())
+    params = yaml.safe_load(tiny_params.read_text())
+    assert record["settings"]["preset"] == "accurate" and record["settings"]["seeds"] == [params["seed"], params["seed"] + 1]
+    assert record["settings"]["recipe"] == Recipe.model_validate(params["presets"]["accurate"]).model_dump()
+    seeds = record["seeds"]
+    assert [row["seed"] for row in seeds] == record["settings"]["seeds"]
+    for row in seeds:
+        assert 1 <= row["best_epoch"] <= row["epochs_run"] <= 2 and row["train_seconds"] > 0
+        assert row["test_images"] == 200 and row["test_errors"] == round((1 - row["test_accuracy"]) * 200)
+        assert 0.0 <= row["handwriting_accuracy"] <= 1.0
+    assert record["mean_test_accuracy"] == pytest.approx(sum(row["test_accuracy"] for row in seeds) / 2)
+    ensemble = record["ensemble"]
+    assert ensemble["members"] == 2 and ensemble["seeds"] == record["settings"]["seeds"]
+    assert ensemble["parameters"] == sum(row["parameters"] for row in seeds)  # both members, nothing else
+    assert 0.0 <= ensemble["test_accuracy"] <= 1.0 and 0.0 <= ensemble["handwriting_accuracy"] <= 1.0
+    markdown = (tmp_path / "accuracy.md").read_text()
+    assert markdown == accuracy_markdown(record) + "\n" and "| ensemble of the 2 |" in markdown
 
 
 @pytest.mark.slow

@@ -36,7 +36,9 @@ def project_env(project: Path) -> dict[str, str]:
     """Run DVC and the stages with this interpreter's venv, logging to the copy's own stores, with TensorFlow's
     log settings as a user has them (none)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TF_CPP_"))}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(project), PYTHONUNBUFFERED="1")
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(project), PYTHONUNBUFFERED="1",
+               # a tiny training run can end within the default 5 s: sample often enough to record `system/*`
+               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     return env
 
 
