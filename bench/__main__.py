@@ -83,6 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                           help="early-stopping patience on val_accuracy (default: --epochs, i.e. none)")
     accuracy.add_argument("--train-limit", type=non_negative_int, default=0, help="stratified training subset (0: all)")
     accuracy.add_argument("--test-limit", type=non_negative_int, default=0, help="stratified test subset (0: all)")
+    accuracy.add_argument("--keep-models", type=Path, default=None,
+                          help="a new folder to keep the seeds' models in (default: a temporary one)")
 
     serve = commands.add_parser("serve", help="`python -m pipeline serve` vs `mlflow models serve` of the champion")
     serve.add_argument("--requests", type=positive_int, default=300,
@@ -139,7 +141,7 @@ def bench_accuracy(args: argparse.Namespace, params) -> tuple[dict, str]:
 
     seeds = [params.seed + offset for offset in range(args.seeds)]
     record = run_accuracy_benchmark(params, args.preset, seeds, args.epochs, args.patience or args.epochs,
-                                    args.train_limit, args.test_limit)
+                                    args.train_limit, args.test_limit, args.keep_models)
     return record, accuracy_markdown(record)
 
 

@@ -135,12 +135,19 @@ def summarize(seeds: list[dict]) -> dict:
 
 
 def run_accuracy_benchmark(params: Params, preset: str, seeds: list[int], epochs: int, patience: int,
-                           train_limit: int = 0, test_limit: int = 0) -> dict:
+                           train_limit: int = 0, test_limit: int = 0, keep_models: Path | None = None) -> dict:
+    """`keep_models`: a new folder to keep the seeds' models in (seed<N>.keras); by default they are
+    made in a temporary folder and removed."""
     from bench.machine import load_average_1m, machine_info
 
     machine = machine_info()
-    with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as models_dir:
-        jobs = accuracy_jobs(params, preset, seeds, epochs, patience, train_limit, test_limit, Path(models_dir))
+    if keep_models is not None:
+        if keep_models.exists():  # a new folder: nothing of the user's is overwritten
+            raise PipelineError(f"--keep-models {keep_models} already exists; name a folder that does not")
+        keep_models.mkdir(parents=True)
+    with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as scratch:
+        models_dir = keep_models or Path(scratch)
+        jobs = accuracy_jobs(params, preset, seeds, epochs, patience, train_limit, test_limit, models_dir)
         rows = []
         for number, job in enumerate(jobs, 1):
             log.info("seed %d of %d (seed %d), in a fresh process", number, len(jobs), job.seed)
