@@ -17,14 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.training import run_in_fresh_process
+from bench.training import EVAL_BATCH_SIZE, run_in_fresh_process
 from pipeline.core.config import Params, Recipe, RuntimeParams
 from pipeline.core.errors import PipelineError
 
 log = logging.getLogger("bench.accuracy")
-
-ACCURATE = "accurate"
-EVAL_BATCH_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -60,6 +57,13 @@ def accuracy_jobs(params: Params, preset: str, seeds: list[int], epochs: int, pa
             for seed in seeds]
 
 
+def load_test(job: AccuracyJob):
+    """The test split (or its stratified subset) every seed and the ensemble are scored on."""
+    from pipeline.core.data import load_split, stratified_take
+
+    return stratified_take(load_split(job.test_split), job.test_limit, job.data_seed)
+
+
 def score_model(model, test, handwriting_set: str) -> dict:
     """Test accuracy and errors, and accuracy on the handwriting set, of a float32 Keras model."""
     from pipeline.core.scoring import predict_probabilities
@@ -85,7 +89,7 @@ def train_seed(job: AccuracyJob) -> dict:
 
     train = stratified_take(load_split(job.train_split), job.train_limit, job.data_seed)
     val = load_split(job.val_split)
-    test = stratified_take(load_split(job.test_split), job.test_limit, job.data_seed)
+    test = load_test(job)
     log.info("seed %d: preset %s, up to %d epochs (patience %d) on %d images", job.seed, job.preset, job.epochs,
              job.patience, len(train))
     started = time.perf_counter()
@@ -107,7 +111,6 @@ def train_seed(job: AccuracyJob) -> dict:
 
 def score_ensemble(jobs: list[AccuracyJob]) -> dict:
     """The seeds' saved models joined as one averaging model (what `train.members` saves), scored."""
-    from pipeline.core.data import load_split, stratified_take
     from pipeline.core.runtime import setup_logging, setup_tensorflow
 
     first = jobs[0]
@@ -118,7 +121,7 @@ def score_ensemble(jobs: list[AccuracyJob]) -> dict:
     from pipeline.core.scoring import load_keras_model
 
     model = float32_clone(average_members([load_keras_model(Path(job.model_path)) for job in jobs]))
-    test = stratified_take(load_split(first.test_split), first.test_limit, first.data_seed)
+    test = load_test(first)
     return {"members": len(jobs), "seeds": [job.seed for job in jobs], "parameters": model.count_params(),
             **score_model(model, test, first.handwriting_set)}
 

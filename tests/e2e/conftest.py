@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.core.tracking import SYSTEM_METRICS_INTERVAL_ENV
 from tests.conftest import REPO_ROOT
 
 VENV_BIN = str(Path(sys.executable).parent)
@@ -38,7 +39,7 @@ def project_env(project: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "TF_CPP_"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(project), PYTHONUNBUFFERED="1",
                # a tiny training run can end within the default 5 s: sample often enough to record `system/*`
-               MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+               **{SYSTEM_METRICS_INTERVAL_ENV: "1"})
     return env
 
 
