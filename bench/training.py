@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -218,8 +220,22 @@ def run_job(job: TrainJob) -> dict:
 def run_in_fresh_process(function: Callable, *args):
     """Call `function(*args)` in a newly spawned Python process and return its result."""
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=context,
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         return pool.submit(function, *args).result()
+
+
+def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """Worker initializer: end this process once the benchmark that spawned it is gone (say, killed
+    by `kill`, which does not reach its children), rather than train on unseen and skew the timings
+    of whatever runs next."""
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 # ---- the benchmark -------------------------------------------------------------------------------

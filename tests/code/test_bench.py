@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,28 @@ def test_inference_throughput_warms_up_then_counts_images():
                                   (1, 32), min_seconds=0.0, warmup_calls=2, min_calls=5)
     assert calls == [1] * 7 + [32] * 7  # 2 warm-up + 5 timed per size; 32 > 10 images repeats them
     assert set(result) == {"1", "32"} and all(r["calls"] == 5 and r["images_per_s"] > 0 for r in result.values())
+
+
+def test_a_killed_benchmark_takes_its_training_process_with_it(tmp_path):
+    import psutil
+
+    bench = subprocess.Popen([sys.executable, "-c", "import time\nfrom bench.training import run_in_fresh_process\n"
+                              "run_in_fresh_process(time.sleep, 120)"], cwd=REPO_ROOT)
+    workers = []
+    try:
+        parent = psutil.Process(bench.pid)
+        deadline = time.monotonic() + 60
+        while not (workers := [p for p in parent.children() if "resource_tracker" not in " ".join(p.cmdline())]):
+            assert time.monotonic() < deadline, "no worker process was spawned"
+            time.sleep(0.2)
+        bench.kill()  # SIGKILL: the parent cannot pass anything on
+        bench.wait()
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, f"worker {alive} outlived the killed benchmark"
+    finally:
+        for process in [bench, *workers]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
 
 
 def test_sprint_medians_count_a_run_that_never_reached_the_target_as_slowest():
