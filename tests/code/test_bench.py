@@ -47,7 +47,7 @@ def test_inference_throughput_warms_up_then_counts_images():
     assert set(result) == {"1", "32"} and all(r["calls"] == 5 and r["images_per_s"] > 0 for r in result.values())
 
 
-def test_a_killed_benchmark_takes_its_training_process_with_it(tmp_path):
+def test_a_killed_benchmark_takes_its_training_process_with_it():
     import psutil
 
     bench = subprocess.Popen([sys.executable, "-c", "import time\nfrom bench.training import run_in_fresh_process\n"
@@ -61,7 +61,7 @@ def test_a_killed_benchmark_takes_its_training_process_with_it(tmp_path):
             time.sleep(0.2)
         bench.kill()  # SIGKILL: the parent cannot pass anything on
         bench.wait()
-        gone, alive = psutil.wait_procs(workers, timeout=15)
+        _, alive = psutil.wait_procs(workers, timeout=15)
         assert not alive, f"worker {alive} outlived the killed benchmark"
     finally:
         for process in [bench, *workers]:
