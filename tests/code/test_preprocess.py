@@ -59,9 +59,10 @@ def test_checks_name_the_problem(mutate, message):
         prepare_splits(raw, preprocess_params(val_size=500), seed=0)
 
 
-def test_val_size_too_large():
-    with pytest.raises(ValueError, match="leaves no training images"):
+def test_val_size_too_large_names_the_param_fix_not_a_refetch():
+    with pytest.raises(PipelineError, match="leaves no training images") as refused:
         prepare_splits(fake_raw(), preprocess_params(val_size=5000), seed=0)
+    assert "set preprocess.val_size below" in str(refused.value) and "fetch" not in str(refused.value)
 
 
 def test_save_and_load_roundtrip_and_damage(tmp_path):

@@ -300,3 +300,39 @@ def test_exp_run_tags_the_run_and_the_version_with_the_experiment(tiny_project, 
     listing = subprocess.run([sys.executable, "-m", "pipeline", "registry"], cwd=tiny_project, env=env,
                              capture_output=True, text=True, check=True).stdout
     assert "dvc_exp" in listing.splitlines()[0] and "one-epoch" in listing
+
+
+def output_bytes(project) -> dict[str, bytes]:
+    """Every file the stages wrote (data, models, metrics, figures), by path."""
+    return {str(path.relative_to(project)): path.read_bytes()
+            for folder in ("data", "models", "metrics", "figures") for path in sorted((project / folder).rglob("*"))
+            if path.is_file()}
+
+
+@pytest.mark.parametrize(("section", "change", "stage", "named"), [
+    ("fetch", {"sources": ["kears"]}, "fetch", "fetch.sources"),
+    ("preprocess", {"val_size": 70000}, "preprocess", "preprocess.val_size"),
+    ("tune", {"space": {"dropout": {"low": 0.6, "high": 0.1}}}, "tune", "tune.space.dropout"),
+    ("train", {"epohcs": 3}, "train", "train.epohcs"),
+    ("evaluate", {"batch_size": 0}, "evaluate", "evaluate.batch_size"),
+])
+def test_refused_stage_under_dvc_repro_keeps_every_output(tiny_project, section, change, stage, named):
+    """`dvc repro` deletes a stage's outputs before it runs the stage unless they are `persist: true`:
+    a stage that refuses a bad param must find, and leave, every output byte for byte as it was."""
+    path = tiny_project / "params.yaml"
+    original = path.read_text()
+    before = output_bytes(tiny_project)
+    params = yaml.safe_load(original)
+    params[section].update(change)
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = dvc("repro", project=tiny_project, check=False)
+    finally:
+        path.write_text(original)
+    assert result.returncode != 0
+    ran = [line for line in result.stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == [f"Running stage '{stage}':"], result.stdout[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and named in errors[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert output_bytes(tiny_project) == before
+    assert changed_stages(tiny_project) == set()
