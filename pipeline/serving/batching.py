@@ -25,8 +25,6 @@ class MicroBatcher:
         self.wakeup: asyncio.Event | None = None
         self.worker: asyncio.Task | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-        self.batches = 0
-        self.images = 0
 
     def start(self) -> None:
         self.wakeup = asyncio.Event()
@@ -71,8 +69,6 @@ class MicroBatcher:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            self.batches += 1
-            self.images += len(batch)
             start = 0
             for images, future in jobs:
                 if not future.done():

@@ -7,6 +7,8 @@ centre of mass sits at the centre. Models take those raw 0-255 pixels unscaled.
 
 from __future__ import annotations
 
+import functools
+
 import logging
 from pathlib import Path
 from typing import IO
@@ -60,11 +62,17 @@ def peek(source: str | Path | IO[bytes], size: int) -> bytes:
         return stream.read(size)
 
 
+@functools.cache
+def limit_pillow_decoding() -> None:
+    """Pillow's process-wide bomb guard, set once: it refuses (DecompressionBombError) pictures over
+    twice MAX_IMAGE_PIXELS as it opens them, which is MAX_PIXELS."""
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
+
+
 def read_image(source: str | Path | IO[bytes], name: str | None = None) -> Image.Image:
     """Open and decode a picture (a path or a binary file object); ImageError if it is not one."""
     label = name or str(source)
-    # Pillow refuses (DecompressionBombError) pictures over twice this as it opens them: MAX_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
+    limit_pillow_decoding()
     try:
         canvas = webp_canvas_size(peek(source, 30))
         if canvas:
@@ -216,10 +224,7 @@ def crop_to_ink(levels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.nd
 
 
 def thicken(levels: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Widen a fine pen so that it keeps about MNIST's stroke width once shrunk into 20x20.
-
-    (Thinning bold markers the same way was tried and did not help on tests/handwriting.)
-    """
+    """Widen a fine pen so that it keeps about MNIST's stroke width once shrunk into 20x20."""
     side = max(levels.shape)
     width_in_box = stroke_width(mask) * BOX / side
     radius = round((MIN_STROKE_PX - width_in_box) / 2.0 * side / BOX)
