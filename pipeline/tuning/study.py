@@ -22,6 +22,7 @@ from pipeline.core.paths import SQLITE_PREFIX, sqlite_file
 log = logging.getLogger("pipeline.tuning")
 
 FINISHED = ("COMPLETE", "PRUNED")
+OBJECTIVE = "val_accuracy"  # what every trial returns
 
 
 def resolve_storage_url(url: str) -> str:
@@ -221,6 +222,10 @@ def open_study(params: Params, storage=None, create: bool = True, sampler_offset
     )
     optuna.storages.fail_stale_trials(study)
     study.set_user_attr("base_preset", params.tune.base_preset)
+    if study.metric_names != [OBJECTIVE]:
+        with warnings.catch_warnings():  # experimental since Optuna 3.2, and the way to name the axis
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([OBJECTIVE])  # optuna-dashboard's axis, not "Objective 0"
     return study
 
 

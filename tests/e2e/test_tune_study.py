@@ -89,6 +89,7 @@ def test_resume_fails_the_killed_trial_and_reaches_the_budget(resumed_project):
     assert len(retried) == 1 and retried[0].params == study.trials[1].params  # the killed trial retried
     summary = json.loads((project / "metrics" / "tune.json").read_text())
     assert summary["trials"]["FAIL"] == 1
+    assert study.metric_names == ["val_accuracy"]  # optuna-dashboard's axis names the objective
 
 
 def test_killed_trial_run_is_closed_in_mlflow(resumed_project):
