@@ -31,7 +31,7 @@ from pipeline.core.config import FetchParams, load_stage_params
 from pipeline.core.data import ARRAY_KEYS, Arrays, read_npz
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.paths import resolve_in_project, staged_outputs
-from pipeline.core.runtime import setup_logging
+from pipeline.core.runtime import import_tensorflow, setup_logging
 
 log = logging.getLogger("pipeline.fetch")
 
@@ -184,7 +184,7 @@ def from_keras(params: FetchParams) -> Arrays:
         if sha256_file(cached) != KERAS_NPZ_SHA256:
             raise ValueError(f"{cached} has the wrong SHA-256; delete it so Keras downloads it again")
         return verify_content(read_npz(cached), str(cached))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see runtime.quiet_tensorflow_logs
+    import_tensorflow()
     from keras.datasets import mnist
 
     try:

@@ -38,6 +38,36 @@ def quiet_tensorflow_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+# Lines TensorFlow's C++ side prints to stderr as it loads, whatever TF_CPP_MIN_LOG_LEVEL says (absl
+# writes them before its log is initialised): each stage would start with them.
+TENSORFLOW_LOAD_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on",
+                         "cpu_feature_guard.cc")
+
+
+def import_tensorflow() -> None:
+    """Import TensorFlow (once per process) with its load-time notices held back; every other line it
+    writes to stderr while loading is passed on."""
+    import sys
+    import tempfile
+
+    if "tensorflow" in sys.modules:
+        return
+    quiet_tensorflow_logs()
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines(keepends=True):
+                if not any(noise in line for noise in TENSORFLOW_LOAD_NOISE):
+                    sys.stderr.write(line)
+
+
 def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool:
     """True where the CPU computes bf16 in hardware (Intel AMX or AVX512-BF16), so bf16 is faster."""
     if cpuinfo is None:
@@ -61,7 +91,7 @@ def setup_tensorflow(runtime: RuntimeParams, seed: int) -> None:
 
     Thread counts must be set before TF runs its first op, so call this first thing in main().
     """
-    quiet_tensorflow_logs()
+    import_tensorflow()
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     import keras
     import numpy as np

@@ -20,3 +20,18 @@ def test_temp_experiment_folders_resolve_to_the_outer_repository(tmp_path):
     inner.mkdir(parents=True)
     assert project_root(inner) == tmp_path / "repo"
     assert project_root(tmp_path / "repo") == tmp_path / "repo"
+
+
+def test_tensorflow_loads_without_its_load_time_notices(repo_root):
+    """TensorFlow's C++ side prints the absl and oneDNN notices whatever TF_CPP_MIN_LOG_LEVEL says;
+    a stage's log starts with its own lines instead."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.core.runtime import import_tensorflow; import_tensorflow(); "
+            "print('loaded', 'tensorflow' in sys.modules); print('after', file=sys.stderr)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TF_")} | {"PYTHONPATH": str(repo_root)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "loaded True", result.stderr[-2000:]
+    assert result.stderr.strip() == "after", result.stderr  # nothing before it; stderr works again after the import
