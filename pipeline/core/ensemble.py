@@ -84,3 +84,11 @@ def fit_members(recipe: Recipe, members: int, epochs: int, patience: int, x_trai
         models.append(model)
         histories.append(history)
     return models, histories
+
+
+def ensemble_summary(model: keras.Model, histories: list[list[dict]], x_val, y_val) -> dict:
+    """What the ensemble scores on validation, next to each member's best epoch and epoch count."""
+    predicted = model.predict(x_val, batch_size=1000, verbose=0).argmax(axis=1)
+    return {"members": len(histories), "ensemble_val_accuracy": float((predicted == y_val).mean()),
+            "member_val_accuracies": [max(row["val_accuracy"] for row in rows) for rows in histories],
+            "member_epochs_run": [len(rows) for rows in histories]}
