@@ -80,12 +80,13 @@ def predict_probabilities(model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def make_scorer(test: Split, batch_size: int):
-    """score(model_uri) -> test accuracy of a registered model on this test split (re-scoring a champion)."""
+    """score(model_uri) -> test accuracy of a registered model on this test split (re-scoring a champion),
+    its Keras file hash-checked first."""
 
     def score(uri: str) -> float:
-        import mlflow.keras
+        from pipeline.serving.classifier import load_registered_keras
 
-        model = mlflow.keras.load_model(uri)
+        model = load_registered_keras(uri)
         return classification_metrics(test.y, predict_probabilities(model, test.x, batch_size))["accuracy"]
 
     return score
