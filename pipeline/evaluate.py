@@ -79,17 +79,14 @@ def main(argv: list[str] | None = None) -> int:
                                 prediction_sheet(pictures, paths.handwriting_set), params.evaluate.misclassified_shown)
         with mlflow.start_run(run_id=record["run_id"]):
             evaluation.log_evaluation(staging.path, paths, test, metrics, handwriting)
-            version_tags = evaluation.version_tags(metrics, handwriting["accuracy"], digest, len(test),
-                                                   str(record.get("preset", "")), model_file_tags,
-                                                   mlflow.get_run(record["run_id"]).data.tags)
+            version_tags = evaluation.version_tags(metrics, handwriting["accuracy"], digest, len(test), record,
+                                                   model_file_tags, mlflow.get_run(record["run_id"]).data.tags)
             version = registry.register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
             decision = registry.promote(params.tracking.registered_model, str(version.version),
                                         params.promote.margin, digest, make_scorer(test, params.evaluate.batch_size),
                                         lock_url=params.promote.lock)
             evaluation.log_promotion(str(version.version), decision)
-    log.info("test accuracy %.4f (%d errors), macro F1 %.4f, handwriting %.4f; %s v%s %s: %s", metrics["accuracy"],
-             metrics["errors"], metrics["macro_f1"], handwriting["accuracy"], params.tracking.registered_model,
-             version.version, decision.status, decision.reason)
+    log.info("%s", evaluation.outcome(metrics, handwriting, params.tracking.registered_model, version.version, decision))
     return 0
 
 

@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline.core import tracking, training_run
     from pipeline.core.data import load_split
-    from pipeline.core.ensemble import average_members, ensemble_summary, fit_members
-    from pipeline.core.export import float32_clone, log_keras_model
+    from pipeline.core.ensemble import ensemble_summary, fit_members, served_model
+    from pipeline.core.export import log_keras_model
     from pipeline.core.model import as_model_input, model_signature
 
     paths, members = params.paths, params.train.members
@@ -60,15 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                                                        tags=tracking.run_tags("train", params_hash(params)),
                                                        log_system_metrics=True) as run:
         training_run.log_inputs(params, recipe, best is not None, train, val)
-        log.info("training preset %s for up to %d epochs on %d images: %s", params.train.preset,
-                 params.train.epochs, len(train), recipe.model_dump())
         started = time.perf_counter()
         models, histories = fit_members(recipe, members, params.train.epochs, params.train.patience,
                                         as_model_input(train.x), train.y, x_val, val.y, params.seed,
                                         on_epoch=training_run.epoch_logger(members))
         train_seconds = time.perf_counter() - started
-        # bf16 speeds training only; scored, registered and served in float32
-        model = float32_clone(models[0] if members == 1 else average_members(models))
+        model = served_model(models)
         ensemble = ensemble_summary(model, histories, x_val, val.y) if members > 1 else {}
         mlflow.log_metrics(training_run.final_metrics(model.count_params(), histories, train_seconds, ensemble))
         model.save(staging.path(paths.model))

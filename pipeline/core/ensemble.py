@@ -17,6 +17,7 @@ from keras import layers
 
 from pipeline.core.config import Recipe
 from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.export import float32_clone
 from pipeline.core.model import INPUT_SHAPE
 from pipeline.core.training import fit
 
@@ -84,6 +85,12 @@ def fit_members(recipe: Recipe, members: int, epochs: int, patience: int, x_trai
         models.append(model)
         histories.append(history)
     return models, histories
+
+
+def served_model(models: Sequence[keras.Model]) -> keras.Model:
+    """The model to save: the one member, or the members averaged; in float32 (bf16 speeds training
+    only: the model is scored, registered and served in float32)."""
+    return float32_clone(models[0] if len(models) == 1 else average_members(models))
 
 
 def ensemble_summary(model: keras.Model, histories: list[list[dict]], x_val, y_val) -> dict:

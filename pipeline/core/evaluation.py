@@ -73,10 +73,11 @@ def log_evaluation(place: Place, paths, test: Split, metrics: dict, handwriting:
         mlflow.log_artifact(str(place(getattr(paths, key))), "metrics")
 
 
-def version_tags(metrics: dict, handwriting_accuracy: float, test_digest: str, test_images: int, preset: str,
+def version_tags(metrics: dict, handwriting_accuracy: float, test_digest: str, test_images: int, train_record: dict,
                  model_file_tags: dict[str, str], run_tags: dict[str, str]) -> dict[str, str]:
-    """The registered version's tags: its scores, the test data they came from, the model files'
-    hashes and the training run's provenance."""
+    """The registered version's tags: its scores, the test data they came from, the preset trained,
+    the model files' hashes and the training run's provenance."""
+    preset = str(train_record.get("preset", ""))
     return {"test_accuracy": f"{metrics['accuracy']:.6f}", "test_loss": f"{metrics['loss']:.6f}",
             "test_macro_f1": f"{metrics['macro_f1']:.6f}", "test_data_sha256": test_digest,
             "handwriting_accuracy": f"{handwriting_accuracy:.6f}", "preset": preset,
@@ -92,3 +93,9 @@ def log_promotion(version: str, decision) -> None:
                      "champion_accuracy": decision.champion_accuracy, "margin": decision.margin},
                     "promotion.json")
     mlflow.set_tags({"registered_version": version, "promotion": decision.status})
+
+
+def outcome(metrics: dict, handwriting: dict, model_name: str, version: str, decision) -> str:
+    """One log line on the scores and what the registry decided."""
+    return (f"test accuracy {metrics['accuracy']:.4f} ({metrics['errors']} errors), macro F1 {metrics['macro_f1']:.4f}, "
+            f"handwriting {handwriting['accuracy']:.4f}; {model_name} v{version} {decision.status}: {decision.reason}")

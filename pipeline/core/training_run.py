@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from pipeline.core import tracking
 from pipeline.core.config import Params, Recipe
 from pipeline.core.ensemble import member_name
+
+log = logging.getLogger("pipeline.train")
 
 
 def run_name(preset: str) -> str:
@@ -16,8 +19,11 @@ def run_name(preset: str) -> str:
 
 
 def log_inputs(params: Params, recipe: Recipe, tuned: bool, train, val) -> None:
-    """The run's params and its two data splits (`pipeline.core.data.Split`)."""
+    """The run's params and its two data splits (`pipeline.core.data.Split`); one log line on what trains."""
     import mlflow
+
+    log.info("training preset %s for up to %d epochs on %d images: %s", params.train.preset,
+             params.train.epochs, len(train), recipe.model_dump())
 
     mlflow.log_params({"seed": params.seed, "preset": params.train.preset, "tuned": tuned,
                        **tracking.flatten("recipe", recipe.model_dump()),
