@@ -7,6 +7,9 @@
   file). Anything else (another flavour, a pickled pyfunc, a changed file) is refused in one line.
   No TensorFlow: a server starts in about a second in under 100 MB.
 - A local `.keras` file (your own) loads with Keras in safe mode.
+
+Re-scoring a champion (`load_registered_keras`) loads a version's Keras file, once its sha256
+matches the `keras_sha256` tag.
 """
 
 from __future__ import annotations
