@@ -109,18 +109,21 @@ def served_throughput(model, images: np.ndarray, batch_sizes: tuple[int, ...], m
 # ---- the training process ------------------------------------------------------------------------
 
 def make_test_clock(x_test: np.ndarray, y_test: np.ndarray, stop_at: float | None = None):
-    """A Keras callback that, at every epoch end, notes the cumulative training time *before*
-    scoring the test split (model.predict), then keeps the scoring time out of later readings; with
-    `stop_at`, training stops once the test accuracy reaches it."""
+    """A Keras callback that, at every epoch end, notes the cumulative training time since training
+    began *before* scoring the test split (model.predict), then keeps the scoring time out of later
+    readings; with `stop_at`, training stops once the test accuracy reaches it."""
     import keras
 
     class TestClock(keras.callbacks.Callback):
         def __init__(self):
             super().__init__()
-            self.started = 0.0  # set right before model.fit
+            self.started = 0.0
             self.evaluation_seconds = 0.0
             self.train_seconds: list[float] = []
             self.test_accuracy: list[float] = []
+
+        def on_train_begin(self, logs=None):
+            self.started = time.perf_counter()
 
         def on_epoch_end(self, epoch, logs=None):
             now = time.perf_counter()
@@ -151,8 +154,7 @@ def run_job(job: TrainJob) -> dict:
     import keras
     import tensorflow as tf
 
-    from pipeline.core.model import inference_model
-    from pipeline.core.training import prepare_training
+    from pipeline.core.training import fit
 
     train = stratified_take(load_split(job.train_split), job.train_limit, job.seed)
     test = stratified_take(load_split(job.test_split), job.test_limit, job.seed)
@@ -161,16 +163,12 @@ def run_job(job: TrainJob) -> dict:
 
     keras.mixed_precision.set_global_policy(job.dtype_policy)  # overrides the one setup_tensorflow chose
     try:
-        model, leading_callbacks = prepare_training(job.recipe, job.seed, len(train), job.epochs)
         clock = make_test_clock(x_test, test.y, job.stop_at)
         log.info("%s: preset %s%s, %d epochs on %d images, %s", job.role, job.preset, " (tuned)" if job.tuned else "",
                  job.epochs, len(train), job.dtype_policy)
-        clock.started = time.perf_counter()
-        model.fit(x_train, train.y, epochs=job.epochs, batch_size=job.recipe.batch_size, shuffle=True,
-                  callbacks=[*leading_callbacks, clock], verbose=0)
+        model, _ = fit(job.recipe, job.epochs, None, x_train, train.y, seed=job.seed, callbacks=[clock], verbose=0)
         train_seconds = clock.train_seconds[-1]  # at the last epoch's end, like every per-epoch reading
-        peak_rss_train = peak_rss_mib()
-        model = inference_model(model, job.recipe)  # what train saves and serves
+        peak_rss_train = peak_rss_mib()  # model: the inference model train saves and serves
         inference = keras_predict = served = None
         if job.inference_seconds > 0:
             inference = inference_throughput(model.predict_on_batch, x_test, job.batch_sizes, job.inference_seconds)
@@ -242,7 +240,7 @@ def exit_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
 
 def default_recipe(params: Params, tuned_file: Path) -> tuple[Recipe, bool]:
     """The recipe `dvc repro train` would use: the preset, with the tuned params when enabled and present."""
-    from pipeline.train import read_best_params, resolve_recipe
+    from pipeline.core.recipes import read_best_params, resolve_recipe
 
     best = read_best_params(tuned_file) if params.train.use_tuned and tuned_file.is_file() else None
     return resolve_recipe(params, best), best is not None
@@ -284,7 +282,7 @@ def compare(reference: dict, default: dict) -> dict:
                                        reference["memory"]["peak_rss_growth_training_mib"]),
         inference_images_per_s={size: ratio(default["inference"][size]["images_per_s"], row["images_per_s"])
                                 for size, row in reference["inference"].items()},
-        # the issue's yardstick: the served path at batch 1 against the reference's plain `predict`
+        # the served path at batch 1 against the reference's plain `predict`
         served_batch_1_over_reference_predict=ratio(default["inference_served"]["1"]["images_per_s"],
                                                     reference["inference_predict_batch_1"]["images_per_s"]),
     )

@@ -30,6 +30,7 @@ import numpy as np
 from pipeline.core.config import FetchParams, load_stage_params
 from pipeline.core.data import ARRAY_KEYS, Arrays, read_npz
 from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.hashing import sha256_file
 from pipeline.core.paths import resolve_in_project, staged_outputs
 from pipeline.core.runtime import import_tensorflow, setup_logging
 
@@ -58,14 +59,6 @@ class SourceFailure:
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def arrays_sha256(arrays: Arrays) -> str:

@@ -17,6 +17,7 @@ from keras import layers
 
 from pipeline.core.config import Recipe
 from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.export import float32_clone
 from pipeline.core.model import INPUT_SHAPE
 from pipeline.core.training import fit
 
@@ -84,3 +85,17 @@ def fit_members(recipe: Recipe, members: int, epochs: int, patience: int, x_trai
         models.append(model)
         histories.append(history)
     return models, histories
+
+
+def served_model(models: Sequence[keras.Model]) -> keras.Model:
+    """The model to save: the one member, or the members averaged; in float32 (bf16 speeds training
+    only: the model is scored, registered and served in float32)."""
+    return float32_clone(models[0] if len(models) == 1 else average_members(models))
+
+
+def ensemble_summary(model: keras.Model, histories: list[list[dict]], x_val, y_val) -> dict:
+    """What the ensemble scores on validation, next to each member's best epoch and epoch count."""
+    predicted = model.predict(x_val, batch_size=1000, verbose=0).argmax(axis=1)
+    return {"members": len(histories), "ensemble_val_accuracy": float((predicted == y_val).mean()),
+            "member_val_accuracies": [max(row["val_accuracy"] for row in rows) for rows in histories],
+            "member_epochs_run": [len(rows) for rows in histories]}

@@ -10,13 +10,15 @@ records both files' sha256 (`HASH_TAGS`), which every loader verifies.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.core.errors import PipelineError
+from pipeline.core.hashing import sha256_file
 
 ONNX_FILE = "model.onnx"
 KERAS_FILE = "data/model.keras"  # where MLflow's Keras flavour keeps the model inside its folder
@@ -25,18 +27,25 @@ MAX_PROBABILITY_GAP = 1e-3  # ONNX Runtime vs Keras, any image and class
 INPUT_SHAPE = (None, 28, 28, 1)
 
 
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_hashes(model_folder: str | Path) -> dict[str, str]:
     """{version tag: sha256} of the model files in a downloaded MLflow model folder."""
     folder = Path(model_folder)
     return {tag: sha256_file(folder / name) for name, tag in HASH_TAGS.items()}
+
+
+def check_model_file(folder: str | Path, name: str, version: Any) -> Path:
+    """`folder/name` of a downloaded registered `version`, once its sha256 is the one the version
+    records (`HASH_TAGS[name]`); otherwise refused in one line naming the file and the fix."""
+    label, tag = f"{version.name} version {version.version}", HASH_TAGS[name]
+    expected = version.tags.get(tag)
+    if not expected:
+        raise PipelineError(f"{label} records no {tag} tag; it was registered before models were hashed: "
+                            "re-register it with `dvc repro -f evaluate`")
+    path = Path(folder) / name
+    if not path.is_file() or sha256_file(path) != expected:
+        raise PipelineError(f"{label}: {name} does not match its registered sha256; the stored model was changed "
+                            "after registration: do not load it, register a fresh one with `dvc repro -f train`")
+    return path
 
 
 def _float32_config(config: Any) -> Any:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 
 import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # headless: figures are files, never windows
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+
+def use_file_backend() -> None:
+    """Draw with Agg: figures are files, never windows (call once, before the first figure)."""
+    matplotlib.use("Agg")
 
 
 def accuracy_limits(history: list[dict[str, float]]) -> tuple[float, float]:

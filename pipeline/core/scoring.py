@@ -6,47 +6,50 @@ Pure functions of labels and probabilities, plus the two adapters that load and 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
+from sklearn import metrics
 
 from pipeline.core.data import Split
 from pipeline.core.errors import PipelineError
+from pipeline.core.model import NUM_CLASSES
+
+CLASSES = range(NUM_CLASSES)
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, classes: int = 10) -> np.ndarray:
+LOSS_FLOOR = 1e-7  # probabilities are clipped here before the log (Keras' epsilon, as in training)
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Counts: rows are actual labels, columns predicted ones."""
-    matrix = np.zeros((classes, classes), dtype=np.int64)
-    np.add.at(matrix, (y_true.astype(np.int64), y_pred.astype(np.int64)), 1)
-    return matrix
+    return metrics.confusion_matrix(y_true, y_pred, labels=CLASSES)
 
 
 def log_loss(y_true: np.ndarray, probabilities: np.ndarray) -> float:
-    picked = probabilities[np.arange(len(y_true)), y_true.astype(np.int64)]
-    return float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+    with warnings.catch_warnings():  # float32 softmax rows sum to 1 within ~1e-7, looser than sklearn's check
+        warnings.filterwarnings("ignore", message="The y_prob values do not sum to one")
+        return float(metrics.log_loss(y_true, np.clip(probabilities, LOSS_FLOOR, 1.0), labels=CLASSES))
 
 
 def classification_metrics(y_true: np.ndarray, probabilities: np.ndarray) -> dict:
-    """Accuracy, loss, macro and per-class precision/recall/F1 from predicted probabilities."""
+    """Accuracy, loss, macro and per-class precision/recall/F1 from predicted probabilities; a class
+    never predicted (or never present) scores 0."""
     y_pred = probabilities.argmax(axis=1)
-    matrix = confusion(y_true, y_pred)
-    true_positive = np.diag(matrix).astype(np.float64)
-    predicted = matrix.sum(axis=0)
-    actual = matrix.sum(axis=1)
-    precision = np.divide(true_positive, predicted, out=np.zeros(10), where=predicted > 0)
-    recall = np.divide(true_positive, actual, out=np.zeros(10), where=actual > 0)
-    denominator = precision + recall
-    f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(10), where=denominator > 0)
+    precision, recall, f1, _ = metrics.precision_recall_fscore_support(
+        y_true, y_pred, labels=CLASSES, average=None, zero_division=0.0)
+    correct = int((y_pred == y_true).sum())
     return {
-        "accuracy": float(true_positive.sum() / max(len(y_true), 1)),
+        "accuracy": correct / max(len(y_true), 1),
         "loss": log_loss(y_true, probabilities),
         "macro_precision": float(precision.mean()),
         "macro_recall": float(recall.mean()),
         "macro_f1": float(f1.mean()),
-        "errors": int(len(y_true) - true_positive.sum()),
+        "errors": len(y_true) - correct,
         "per_class": {
             str(digit): {"precision": float(precision[digit]), "recall": float(recall[digit]), "f1": float(f1[digit])}
-            for digit in range(10)
+            for digit in CLASSES
         },
     }
 
@@ -77,12 +80,13 @@ def predict_probabilities(model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def make_scorer(test: Split, batch_size: int):
-    """score(model_uri) -> test accuracy of a registered model on this test split (re-scoring a champion)."""
+    """score(model_uri) -> test accuracy of a registered model on this test split (re-scoring a champion),
+    its Keras file hash-checked first."""
 
     def score(uri: str) -> float:
-        import mlflow.keras
+        from pipeline.serving.classifier import load_registered_keras
 
-        model = mlflow.keras.load_model(uri)
+        model = load_registered_keras(uri)
         return classification_metrics(test.y, predict_probabilities(model, test.x, batch_size))["accuracy"]
 
     return score

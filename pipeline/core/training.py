@@ -1,5 +1,5 @@
-"""How a recipe trains: optimiser, schedule, weight average, and the fit loop that `train` and
-every tuning trial share."""
+"""How a recipe trains: optimiser, schedule, weight average, and the one fit loop that `train`,
+every tuning trial and the benchmark share (their own per-epoch work goes in as callbacks)."""
 
 from __future__ import annotations
 
@@ -89,16 +89,19 @@ def epoch_recorder(history: list[dict[str, float]], on_epoch=None) -> keras.call
     return EpochRecorder()
 
 
-def fit(recipe: Recipe, epochs: int, patience: int, x_train, y_train, x_val, y_val, seed: int, on_epoch=None):
-    """Build, compile and fit with early stopping on val_accuracy (best weights restored); returns
-    (the model to save, per-epoch history rows)."""
+def fit(recipe: Recipe, epochs: int, patience: int | None, x_train, y_train, x_val=None, y_val=None,
+        seed: int = 0, on_epoch=None, *, callbacks=(), verbose: int = 2):
+    """Build, compile and fit; returns (the model to save, per-epoch history rows).
+
+    Callback order: the weight-average swap, the history recorder (calling `on_epoch(row)`), the
+    caller's `callbacks` (pruning, metric checks, timing), then, with `patience`, early stopping on
+    val_accuracy (best weights restored). Without `x_val`, no validation runs.
+    """
     model, leading_callbacks = prepare_training(recipe, seed, len(x_train), epochs)
     history: list[dict[str, float]] = []
-    callbacks = [
-        *leading_callbacks,
-        epoch_recorder(history, on_epoch),
-        keras.callbacks.EarlyStopping(monitor="val_accuracy", patience=patience, restore_best_weights=True, verbose=1),
-    ]
-    model.fit(x_train, y_train, validation_data=(x_val, y_val), epochs=epochs, batch_size=recipe.batch_size,
-              shuffle=True, callbacks=callbacks, verbose=2)
+    stopping = [] if patience is None else [keras.callbacks.EarlyStopping(
+        monitor="val_accuracy", patience=patience, restore_best_weights=True, verbose=1)]
+    model.fit(x_train, y_train, validation_data=None if x_val is None else (x_val, y_val), epochs=epochs,
+              batch_size=recipe.batch_size, shuffle=True, verbose=verbose,
+              callbacks=[*leading_callbacks, epoch_recorder(history, on_epoch), *callbacks, *stopping])
     return inference_model(model, recipe), history

@@ -7,6 +7,9 @@
   file). Anything else (another flavour, a pickled pyfunc, a changed file) is refused in one line.
   No TensorFlow: a server starts in about a second in under 100 MB.
 - A local `.keras` file (your own) loads with Keras in safe mode.
+
+Re-scoring a champion (`load_registered_keras`) loads a version's Keras file, once its sha256
+matches the `keras_sha256` tag.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.core.errors import PipelineError, redact
-from pipeline.core.export import HASH_TAGS, ONNX_FILE, compare_predictions, model_hashes, sha256_file
+from pipeline.core.export import (
+    HASH_TAGS,
+    KERAS_FILE,
+    ONNX_FILE,
+    check_model_file,
+    compare_predictions,
+    model_hashes,
+)
 from pipeline.serving.images import SIDE
 
 log = logging.getLogger(__name__)
@@ -121,14 +131,7 @@ def check_model_folder(folder: Path, version: Any) -> Path:
     if "keras" not in flavours or flavours - PROJECT_FLAVOURS or not (folder / ONNX_FILE).is_file():
         raise PipelineError(f"{label} is not this project's model format (Keras flavour with {ONNX_FILE}; "
                             f"found flavours {sorted(flavours)}); register models with `dvc repro`")
-    expected = version.tags.get(HASH_TAGS[ONNX_FILE])
-    if not expected:
-        raise PipelineError(f"{label} records no {HASH_TAGS[ONNX_FILE]} tag; it was registered before models "
-                            "were hashed: re-register it with `dvc repro -f evaluate`")
-    if sha256_file(folder / ONNX_FILE) != expected:
-        raise PipelineError(f"{label}: {ONNX_FILE} does not match its registered sha256; the stored model was "
-                            "changed after registration: do not serve it, register a fresh one with `dvc repro -f train`")
-    return folder / ONNX_FILE
+    return check_model_file(folder, ONNX_FILE, version)
 
 
 def quiet_downloads() -> None:
@@ -157,6 +160,21 @@ def load_registered(uri: str) -> OnnxClassifier:
         ) from None
     log.info("loaded %s: %s version %s (%s verified)", uri, version.name, version.version, HASH_TAGS[ONNX_FILE])
     return classifier
+
+
+def load_registered_keras(uri: str) -> Any:
+    """The Keras model of the registered version a `models:/` or `runs:/` URI names, once its
+    `KERAS_FILE` matches the version's `keras_sha256` (re-scoring a champion)."""
+    quiet_downloads()
+    import keras
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    version = registered_version(client, uri)
+    with tempfile.TemporaryDirectory(prefix="mnist-model-") as scratch:
+        folder = mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(version.name, version.version), dst_path=scratch)
+        return keras.saving.load_model(check_model_file(folder, KERAS_FILE, version), safe_mode=True)
 
 
 def load_classifier(uri: str) -> Classifier:

@@ -19,6 +19,7 @@ from pipeline.core.errors import PipelineError
 from pipeline.serving.predict import predict_files
 
 LABELS_FILE = "labels.csv"
+UNREADABLE = -1  # the prediction of a picture that could not be read
 
 
 def read_labels(folder: Path) -> list[dict[str, str]]:
@@ -39,20 +40,24 @@ def accuracy_by(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
     return {group: right[group] / totals[group] for group in sorted(totals)}
 
 
-def score_folder(model: Any, folder: str | Path) -> dict[str, Any]:
-    """Accuracy of a model on the pictures of `folder`, overall and per source/polarity/label.
-
-    An unreadable picture counts as wrong. Returns {accuracy, count, by_source, by_polarity,
-    by_label, wrong: [{file, label, predicted, confidence}]}.
-    """
+def predict_folder(model: Any, folder: str | Path) -> list[dict[str, Any]]:
+    """Each row of `folder`'s labels.csv with the model's answer: predicted (-1: unreadable),
+    confidence and correct. Predicted once; `score` and `prediction_sheet` read these rows."""
     folder = Path(folder)
     labels = read_labels(folder)
     results = predict_files(model, [folder / row["file"] for row in labels])
     rows = []
     for row, result in zip(labels, results):
-        predicted = result.get("label", -1)
+        predicted = result.get("label", UNREADABLE)
         rows.append({**row, "predicted": predicted, "confidence": result.get("confidence", 0.0),
                      "correct": predicted == int(row["label"])})
+    return rows
+
+
+def score(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy of `predict_folder`'s rows, overall and per source/polarity/label; an unreadable
+    picture counts as wrong. Returns {accuracy, count, by_source, by_polarity, by_label,
+    wrong: [{file, label, predicted, confidence, source}]}."""
     correct = sum(row["correct"] for row in rows)
     return {
         "accuracy": correct / len(rows) if rows else 0.0,
@@ -67,29 +72,36 @@ def score_folder(model: Any, folder: str | Path) -> dict[str, Any]:
     }
 
 
-def prediction_sheet(model: Any, folder: str | Path, count: int = 24, columns: int = 8):
-    """A figure of sample pictures (every len/count-th file) with the label each was predicted as."""
-    import matplotlib
+def score_folder(model: Any, folder: str | Path) -> dict[str, Any]:
+    """`score` of a model on the pictures of `folder`."""
+    return score(predict_folder(model, folder))
 
-    matplotlib.use("Agg")
+
+def sample(rows: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """Every len/count-th row, at most `count`: the files cycle through the digits, so the step
+    shares no factor with 10 (else it would skip some digits)."""
+    step = max(1, len(rows) // count)
+    while math.gcd(step, 10) != 1:
+        step += 1
+    return rows[::step][:count]
+
+
+def prediction_sheet(rows: list[dict[str, Any]], folder: str | Path, count: int = 24, columns: int = 8):
+    """A figure of sample pictures (`sample`) of `predict_folder`'s rows with the label each was
+    predicted as (draw with a backend chosen first: `plots.use_file_backend`)."""
     import matplotlib.pyplot as plt
 
     folder = Path(folder)
-    labels = read_labels(folder)
-    step = max(1, len(labels) // count)
-    while math.gcd(step, 10) != 1:  # the files cycle through the digits: a step sharing a factor skips some
-        step += 1
-    picked = labels[::step][:count]
-    results = predict_files(model, [folder / row["file"] for row in picked])
-    rows = -(-len(picked) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.5, rows * 1.75), squeeze=False)
+    picked = sample(rows, count)
+    grid_rows = -(-len(picked) // columns)
+    figure, axes = plt.subplots(grid_rows, columns, figsize=(columns * 1.5, grid_rows * 1.75), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, row, result in zip(axes.flat, picked, results):
+    for axis, row in zip(axes.flat, picked):
         with Image.open(folder / row["file"]) as image:
             axis.imshow(image.convert("RGB"))
-        right = result.get("label") == int(row["label"])
-        answer = f"{result['label']} ({result['confidence']:.2f})" if "label" in result else "unreadable"
+        right = row["correct"]
+        answer = "unreadable" if row["predicted"] == UNREADABLE else f"{row['predicted']} ({row['confidence']:.2f})"
         caption = f"true {row['label']} → {answer}" + ("" if right else "  ✗")
         axis.set_title(caption, fontsize=8, color="black" if right else "red", fontweight="normal" if right else "bold")
         if not right:

@@ -18,6 +18,8 @@ from pipeline.tuning.space import suggest
 log = logging.getLogger("pipeline.tuning")
 
 MONITOR = "val_accuracy"
+
+
 def require_metric_callback(monitor: str):
     """Fail the trial loudly when Keras does not report the monitored metric (Optuna only warns)."""
     import keras
@@ -61,7 +63,7 @@ class Objective:
         import optuna
 
         from pipeline.core import tracking
-        from pipeline.core.training import epoch_recorder, prepare_training
+        from pipeline.core.training import fit
 
         tune = self.params.tune
         overrides = suggest(trial, tune.space)
@@ -79,17 +81,17 @@ class Objective:
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             mlflow.log_params({**{f"trial.{k}": str(v) for k, v in overrides.items()},
                                **tracking.flatten("recipe", recipe.model_dump()), "trial_number": trial.number})
-            model, leading_callbacks = prepare_training(recipe, self.params.seed, len(self.data["y_train"]), tune.epochs)
             history: list[dict] = []
-            recorder = epoch_recorder(history, on_epoch=lambda row: mlflow.log_metrics(
-                {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"])))
+
+            def record(row: dict) -> None:
+                history.append(row)
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
             started = time.perf_counter()
             try:
-                model.fit(self.data["x_train"], self.data["y_train"],
-                          validation_data=(self.data["x_val"], self.data["y_val"]),
-                          epochs=tune.epochs, batch_size=recipe.batch_size, shuffle=True, verbose=0,
-                          callbacks=[*leading_callbacks, recorder, require_metric_callback(MONITOR),
-                                     pruning_callback(trial, MONITOR, tune.epochs)])
+                fit(recipe, tune.epochs, None, self.data["x_train"], self.data["y_train"], self.data["x_val"],
+                    self.data["y_val"], self.params.seed, on_epoch=record, verbose=0,
+                    callbacks=[require_metric_callback(MONITOR), pruning_callback(trial, MONITOR, tune.epochs)])
             except optuna.TrialPruned:
                 mlflow.set_tags({"optuna.state": "PRUNED", "epochs_run": str(len(history))})
                 mlflow.log_metric("trial_seconds", time.perf_counter() - started)
@@ -102,7 +104,6 @@ class Objective:
             value = max(row[MONITOR] for row in history)
             mlflow.log_metrics({"best_val_accuracy": value, "trial_seconds": time.perf_counter() - started})
             mlflow.set_tags({"optuna.state": "COMPLETE", "epochs_run": str(len(history))})
-        del model
         return value
 
 

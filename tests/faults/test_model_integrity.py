@@ -1,7 +1,9 @@
-"""Model integrity: `serve`, `web` and `predict` load only the project's registered format, hash-checked.
+"""Model integrity: `serve`, `web` and `predict` load only the project's registered format, hash-checked,
+and re-scoring a champion loads its Keras file only once its hash is checked.
 
 A version whose ONNX file changed after registration, a version of another flavour (a pickled pyfunc,
-which would run code when loaded) and a version without the recorded hash are each refused in one line.
+which would run code when loaded) and a version without the recorded hash are each refused in one line;
+so is a version whose model.keras changed.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ def always_seven():
 
 @pytest.fixture(scope="module")
 def store(tiny_model_path, mnist_file, tmp_path_factory):
-    """A scratch store with three versions: 1 the project's (then tampered with), 2 the project's
-    without its hash tag, 3 a pyfunc model; and 4 the project's, untouched."""
+    """A scratch store with versions 1 the project's (then its ONNX file tampered with), 2 the project's
+    without its hash tag, 3 a pyfunc model, 4 the project's, untouched, and 5 the project's with its
+    Keras file tampered with."""
     import mlflow
 
     scratch = tmp_path_factory.mktemp("integrity")
@@ -51,12 +54,13 @@ def store(tiny_model_path, mnist_file, tmp_path_factory):
             mlflow.pyfunc.log_model(name="model", python_model=always_seven(), registered_model_name=NAME,
                                     pip_requirements=["mlflow"])
         register_model(tiny_model_path, NAME, mnist_file, scratch / "artifacts-4")
-
-        onnx_files = list((scratch / "artifacts-1").rglob("model.onnx"))
-        assert len(onnx_files) == 1 and onnx_files[0].resolve().is_relative_to(scratch.resolve())
-        data = bytearray(onnx_files[0].read_bytes())
-        data[len(data) // 2] ^= 0xFF  # one changed byte, in the scratch store only
-        onnx_files[0].write_bytes(bytes(data))
+        register_model(tiny_model_path, NAME, mnist_file, scratch / "artifacts-5")
+        for artifacts, name in (("artifacts-1", "model.onnx"), ("artifacts-5", "model.keras")):
+            files = list((scratch / artifacts).rglob(name))
+            assert len(files) == 1 and files[0].resolve().is_relative_to(scratch.resolve())
+            data = bytearray(files[0].read_bytes())
+            data[len(data) // 2] ^= 0xFF  # one changed byte, in the scratch store only
+            files[0].write_bytes(bytes(data))
         yield {"uri": uri, "folder": scratch}
     finally:
         for key, value in saved.items():
@@ -115,3 +119,20 @@ def test_serve_refuses_to_start(store):
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0, version
         assert lines and phrase in lines[-1] and "Traceback" not in result.stderr, result.stderr[-2000:]
+
+
+def test_rescoring_refuses_a_changed_keras_file_in_one_line(store, mnist_file):
+    import numpy as np
+
+    from pipeline.core.data import Split
+    from pipeline.core.errors import PipelineError
+    from pipeline.core.scoring import make_scorer
+
+    with np.load(mnist_file) as data:
+        score = make_scorer(Split(data["x_test"][:200], data["y_test"][:200]), batch_size=100)
+    assert 0.0 < score(f"models:/{NAME}/4") <= 1.0
+    with pytest.raises(PipelineError) as refused:
+        score(f"models:/{NAME}/5")
+    message = str(refused.value)
+    assert "data/model.keras does not match its registered sha256" in message and "dvc repro" in message
+    assert "\n" not in message

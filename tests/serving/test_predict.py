@@ -319,7 +319,8 @@ def test_prediction_sheet_shows_the_true_label_and_marks_mistakes(tiny_model_pat
     seven().save(folder / "0001_2.png")  # labelled 2: whatever the model says, one of the two is a mistake
     (folder / handwriting.LABELS_FILE).write_text(
         "file,label,source,polarity\n0000_7.png,7,test,dark-on-light\n0001_2.png,2,test,dark-on-light\n")
-    figure = handwriting.prediction_sheet(load_classifier(str(tiny_model_path)), folder, count=2, columns=2)
+    rows = handwriting.predict_folder(load_classifier(str(tiny_model_path)), folder)
+    figure = handwriting.prediction_sheet(rows, folder, count=2, columns=2)
     titles = [axis.get_title() for axis in figure.axes[:2]]
     assert titles[0].startswith("true 7 → ") and titles[1].startswith("true 2 → ")
     marked = [title.endswith("✗") for title in titles]
