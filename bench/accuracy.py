@@ -79,7 +79,7 @@ def train_seed(job: AccuracyJob) -> dict:
     """Train one seed as `train` does, save its model to `job.model_path`, score it."""
     from bench.machine import framework_versions
     from pipeline.core.data import load_split, stratified_take
-    from pipeline.core.model import as_model_input
+    from pipeline.core.data import as_model_input
     from pipeline.core.runtime import dtype_policy, setup_logging, setup_tensorflow
 
     setup_logging()

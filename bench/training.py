@@ -146,7 +146,7 @@ def run_job(job: TrainJob) -> dict:
     """
     from bench.machine import framework_versions, peak_rss_mib
     from pipeline.core.data import load_split, stratified_take
-    from pipeline.core.model import as_model_input
+    from pipeline.core.data import as_model_input
     from pipeline.core.runtime import setup_logging, setup_tensorflow
 
     setup_logging()

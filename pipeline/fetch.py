@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.config import FetchParams, load_stage_params
-from pipeline.core.data import ARRAY_KEYS, Arrays, read_npz
-from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.data import ARRAY_KEYS, INPUT_SHAPE, Arrays, read_npz
+from pipeline.core.errors import PipelineError, exit_on_user_error, first_line
 from pipeline.core.hashing import sha256_file
 from pipeline.core.paths import resolve_in_project, staged_outputs
 from pipeline.core.runtime import import_tensorflow, setup_logging
@@ -48,7 +48,8 @@ IDX_FILES = {
     "x_test": "t10k-images-idx3-ubyte.gz",
     "y_test": "t10k-labels-idx1-ubyte.gz",
 }
-EXPECTED_SHAPES = {"x_train": (60000, 28, 28), "y_train": (60000,), "x_test": (10000, 28, 28), "y_test": (10000,)}
+EXPECTED_SHAPES = {"x_train": (60000, *INPUT_SHAPE[:2]), "y_train": (60000,), "x_test": (10000, *INPUT_SHAPE[:2]),
+                   "y_test": (10000,)}
 
 
 @dataclass(frozen=True)
@@ -150,7 +151,7 @@ def arrays_from_mnist_pkl(gz_bytes: bytes) -> Arrays:
     ).load()
 
     def to_uint8(images: np.ndarray) -> np.ndarray:
-        return np.rint(images * 256.0).astype(np.uint8).reshape(-1, 28, 28)
+        return np.rint(images * 256.0).astype(np.uint8).reshape(-1, *INPUT_SHAPE[:2])
 
     return {
         "x_train": np.concatenate([to_uint8(x_tr), to_uint8(x_val)]),
@@ -183,7 +184,7 @@ def from_keras(params: FetchParams) -> Arrays:
     try:
         (x_train, y_train), (x_test, y_test) = mnist.load_data()  # verifies the file hash itself
     except Exception as error:  # Keras raises bare Exception on network failures
-        raise ValueError(f"download failed: {str(error).splitlines()[0][:160]}") from None
+        raise ValueError(f"download failed: {first_line(error)}") from None
     arrays = {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
     return verify_content(arrays, "keras download")
 

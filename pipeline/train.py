@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.data import load_split
     from pipeline.core.ensemble import ensemble_summary, fit_members, served_model
     from pipeline.core.export import log_keras_model
-    from pipeline.core.model import as_model_input, model_signature
+    from pipeline.core.data import as_model_input
+    from pipeline.core.model import model_signature
 
     paths, members = params.paths, params.train.members
     best = read_best_params(Path(paths.best_params)) if params.train.use_tuned else None

@@ -1,4 +1,5 @@
-"""The data contract shared by the stages: split files, their checks, and seeded subsets.
+"""The data contract shared by the stages and the servers: the picture shape, split files, their
+checks, and seeded subsets.
 
 A split file is an `.npz` with `x` uint8 (N, 28, 28) raw 0-255 pixels and `y` uint8 labels 0-9.
 """
@@ -13,6 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import PipelineError
+
+IMAGE_SIDE = 28  # MNIST pictures are IMAGE_SIDE x IMAGE_SIDE grey pixels
+INPUT_SHAPE = (IMAGE_SIDE, IMAGE_SIDE, 1)  # one picture as every model takes it
+NUM_CLASSES = 10
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")  # the raw file, Keras' layout
 MAX_CLASS_SHARE = 0.15  # MNIST's classes hold 9-11% each; far outside means a broken file
@@ -30,6 +35,12 @@ class Split:
         return len(self.y)
 
 
+def as_model_input(pixels) -> np.ndarray:
+    """Pixels (N, 28, 28) or (N, 28, 28, 1), any numeric type or nested lists, as the contiguous float32
+    (N, 28, 28, 1) raw 0-255 tensor every model takes."""
+    return np.ascontiguousarray(np.asarray(pixels, dtype=np.float32).reshape(-1, *INPUT_SHAPE))
+
+
 def read_npz(path: Path) -> Arrays:
     try:
         with np.load(path, allow_pickle=False) as npz:
@@ -40,15 +51,15 @@ def read_npz(path: Path) -> Arrays:
 
 def check_images(x: np.ndarray, y: np.ndarray, name: str) -> None:
     """Shape, dtype, label range and class balance; raises ValueError naming what is wrong."""
-    if x.ndim != 3 or x.shape[1:] != (28, 28):
-        raise ValueError(f"{name} images have shape {x.shape}, expected (N, 28, 28)")
+    if x.ndim != 3 or x.shape[1:] != INPUT_SHAPE[:2]:
+        raise ValueError(f"{name} images have shape {x.shape}, expected (N, {IMAGE_SIDE}, {IMAGE_SIDE})")
     if x.dtype != np.uint8:
         raise ValueError(f"{name} images are {x.dtype}, expected uint8 pixels 0-255")
     if y.shape != (len(x),):
         raise ValueError(f"{name} has {len(x)} images but labels of shape {y.shape}")
-    if len(y) and (y.min() < 0 or y.max() > 9):
-        raise ValueError(f"{name} labels span {y.min()}..{y.max()}, expected 0..9")
-    shares = np.bincount(y.astype(np.int64), minlength=10) / max(len(y), 1)
+    if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES):
+        raise ValueError(f"{name} labels span {y.min()}..{y.max()}, expected 0..{NUM_CLASSES - 1}")
+    shares = np.bincount(y.astype(np.int64), minlength=NUM_CLASSES) / max(len(y), 1)
     if len(y) >= 1000 and (shares.min() < MIN_CLASS_SHARE or shares.max() > MAX_CLASS_SHARE):
         raise ValueError(
             f"{name} class balance is off: shares {np.round(shares, 3).tolist()} "

@@ -18,7 +18,7 @@ from keras import layers
 from pipeline.core.config import Recipe
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.export import float32_clone
-from pipeline.core.model import INPUT_SHAPE
+from pipeline.core.data import INPUT_SHAPE
 from pipeline.core.training import fit
 
 ENSEMBLE_NAME = "mnist_ensemble"

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.data import INPUT_SHAPE
 from pipeline.core.errors import PipelineError
 from pipeline.core.hashing import sha256_file
 
@@ -24,7 +25,6 @@ ONNX_FILE = "model.onnx"
 KERAS_FILE = "data/model.keras"  # where MLflow's Keras flavour keeps the model inside its folder
 HASH_TAGS = {ONNX_FILE: "onnx_sha256", KERAS_FILE: "keras_sha256"}  # model file -> registry version tag
 MAX_PROBABILITY_GAP = 1e-3  # ONNX Runtime vs Keras, any image and class
-INPUT_SHAPE = (None, 28, 28, 1)
 
 
 def model_hashes(model_folder: str | Path) -> dict[str, str]:
@@ -74,7 +74,7 @@ def export_onnx(model, path: str | Path) -> Path:
     with warnings.catch_warnings():  # tf2onnx probes the removed `np.object`
         warnings.simplefilter("ignore", FutureWarning)
         model.export(str(path), format="onnx", verbose=False,
-                     input_signature=[keras.InputSpec(shape=INPUT_SHAPE, dtype="float32")])
+                     input_signature=[keras.InputSpec(shape=(None, *INPUT_SHAPE), dtype="float32")])
     return path
 
 

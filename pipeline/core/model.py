@@ -1,6 +1,6 @@
 """The CNN family and its input contract: one builder shared by presets, tuning trials and training.
 
-Every model takes raw 0-255 pixels, float32 of shape (N, 28, 28, 1) (`as_model_input`,
+Every model takes raw 0-255 pixels, float32 of shape (N, 28, 28, 1) (`data.as_model_input`,
 `model_signature`): scaling lives in a Rescaling layer, so saved and served models need no
 preprocessing outside them.
 """
@@ -14,15 +14,9 @@ import numpy as np
 from keras import layers
 
 from pipeline.core.config import Recipe
+from pipeline.core.data import INPUT_SHAPE, NUM_CLASSES
 
-INPUT_SHAPE = (28, 28, 1)
-NUM_CLASSES = 10
 KERNEL_SIZE = 3
-
-
-def as_model_input(x: np.ndarray) -> np.ndarray:
-    """uint8 (N, 28, 28) pixels to the float32 (N, 28, 28, 1) raw 0-255 tensor every model takes."""
-    return x.astype(np.float32).reshape(-1, *INPUT_SHAPE)
 
 
 def model_signature():

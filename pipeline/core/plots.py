@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from pipeline.core.data import INPUT_SHAPE
+
 
 def use_file_backend() -> None:
     """Draw with Agg: figures are files, never windows (call once, before the first figure)."""
@@ -72,7 +74,7 @@ def digit_grid(images: np.ndarray, captions: list[str], title: str, columns: int
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, caption in zip(axes.flat, images, captions):
-        axis.imshow(image.reshape(28, 28), cmap="gray_r", vmin=0, vmax=255)
+        axis.imshow(image.reshape(INPUT_SHAPE[:2]), cmap="gray_r", vmin=0, vmax=255)
         axis.set_title(caption, fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()

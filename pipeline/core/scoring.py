@@ -14,7 +14,7 @@ from sklearn import metrics
 
 from pipeline.core.data import Split
 from pipeline.core.errors import PipelineError
-from pipeline.core.model import NUM_CLASSES
+from pipeline.core.data import NUM_CLASSES
 
 CLASSES = range(NUM_CLASSES)
 
@@ -74,7 +74,7 @@ def load_keras_model(path: Path):
 
 
 def predict_probabilities(model, x: np.ndarray, batch_size: int) -> np.ndarray:
-    from pipeline.core.model import as_model_input
+    from pipeline.core.data import as_model_input
 
     return np.asarray(model.predict(as_model_input(x), batch_size=batch_size, verbose=0), dtype=np.float64)
 

@@ -22,7 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.core.errors import PipelineError, redact
+from pipeline.core.data import NUM_CLASSES, as_model_input
+from pipeline.core.errors import PipelineError, first_line, redact
 from pipeline.core.export import (
     HASH_TAGS,
     KERAS_FILE,
@@ -31,7 +32,6 @@ from pipeline.core.export import (
     compare_predictions,
     model_hashes,
 )
-from pipeline.serving.images import SIDE
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,6 @@ PROJECT_FLAVOURS = {"keras", "python_function"}
 class Classifier(Protocol):
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 10) float32 softmax outputs for raw 0-255 pixels shaped (n, 28, 28) or (n, 28, 28, 1)."""
-
-
-def as_batch(pixels: Any) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(pixels, dtype=np.float32).reshape(-1, SIDE, SIDE, 1))
 
 
 class OnnxClassifier:
@@ -62,9 +58,9 @@ class OnnxClassifier:
         self.input_name = self.session.get_inputs()[0].name
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        batch = as_batch(pixels)
+        batch = as_model_input(pixels)
         if len(batch) == 0:
-            return np.zeros((0, 10), dtype=np.float32)
+            return np.zeros((0, NUM_CLASSES), dtype=np.float32)
         return self.session.run(None, {self.input_name: batch})[0]
 
 
@@ -75,9 +71,9 @@ class KerasClassifier:
         self.model = model
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        batch = as_batch(pixels)
+        batch = as_model_input(pixels)
         if len(batch) == 0:
-            return np.zeros((0, 10), dtype=np.float32)
+            return np.zeros((0, NUM_CLASSES), dtype=np.float32)
         if len(batch) <= 256:  # one step, without predict()'s per-call pipeline set-up
             return np.asarray(self.model.predict_on_batch(batch), dtype=np.float32)
         return np.asarray(self.model.predict(batch, batch_size=256, verbose=0), dtype=np.float32)
@@ -91,14 +87,15 @@ def as_classifier(model: Any) -> Classifier:
 
 
 def load_keras_file(path: Path) -> KerasClassifier:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # see runtime.quiet_tensorflow_logs
+    from pipeline.core.runtime import import_tensorflow
+
+    import_tensorflow()
     import keras
 
     try:
         return KerasClassifier(keras.saving.load_model(path, safe_mode=True))
     except (ValueError, OSError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise PipelineError(f"{path} is not a Keras model file ({first}); pass a .keras file") from None
+        raise PipelineError(f"{path} is not a Keras model file ({first_line(error)}); pass a .keras file") from None
 
 
 def registered_version(client: Any, uri: str) -> Any:
@@ -143,7 +140,7 @@ def load_registered(uri: str) -> OnnxClassifier:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline.core.tracking import configure_tracking, first_line
+    from pipeline.core.tracking import configure_tracking
 
     store = configure_tracking()  # the project's store, or MLFLOW_TRACKING_URI
     client = mlflow.MlflowClient()

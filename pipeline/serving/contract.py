@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.serving.images import SIDE
+from pipeline.core.data import INPUT_SHAPE
 
 INPUT_NAME = "pixels"  # the signature's input (core.model.model_signature)
 INPUT_KEYS = ("inputs", "instances")
@@ -80,7 +80,7 @@ def as_images(value: Any, max_images: int) -> np.ndarray:
         raise BadRequest("pixels must be numbers (found strings, booleans, nulls, objects or ragged lists)")
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
-    if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE):
+    if array.ndim != 3 or array.shape[1:] != INPUT_SHAPE[:2]:
         raise BadRequest(f"images have shape {array.shape[1:]}; each must be 28x28 (or 28x28x1)")
     pixels = array.astype(np.float32)
     if not np.isfinite(pixels).all():
@@ -89,7 +89,7 @@ def as_images(value: Any, max_images: int) -> np.ndarray:
     if low < 0 or high > 255:
         value = low if low < 0 else high
         raise BadRequest(f"pixel value {value:g} is out of range; pixels are raw grey levels from 0 to 255")
-    return pixels.reshape(-1, SIDE, SIDE, 1)
+    return pixels.reshape(-1, *INPUT_SHAPE)
 
 
 def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> np.ndarray:

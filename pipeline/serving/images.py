@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
+from pipeline.core.data import IMAGE_SIDE
 from pipeline.core.errors import PipelineError, first_line
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,6 @@ log = logging.getLogger(__name__)
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 MAX_PIXELS = 40_000_000  # larger pictures are refused before decoding (decompression bombs)
 WORKING_SIDE = 800  # pictures are shrunk to at most this many pixels a side before any filtering
-SIDE = 28
 BOX = 20  # MNIST: the ink's bounding box is scaled to fit 20x20, then centred by mass in 28x28
 MIN_STROKE_PX = 2.0  # pen width in the 20x20 box below which strokes are thickened (MNIST: ~2-3)
 CORE_PERCENTILE = 75.0  # ink at or above this percentile of the digit's pixels is full white
@@ -244,7 +244,7 @@ def fit_box(levels: np.ndarray, box: int = BOX) -> np.ndarray:
     return np.where(resized < 4.0, 0.0, np.minimum(resized, 255.0)).astype(np.float32)  # drop ringing
 
 
-def centre_by_mass(digit: np.ndarray, side: int = SIDE) -> np.ndarray:
+def centre_by_mass(digit: np.ndarray, side: int = IMAGE_SIDE) -> np.ndarray:
     """Place a box in side x side so that its centre of mass is at the centre, ink kept inside."""
     canvas = np.zeros((side, side), dtype=np.float32)
     height, width = digit.shape

@@ -15,7 +15,8 @@ from PIL import Image
 
 from pipeline.core.errors import exit_on_user_error
 from pipeline.serving.classifier import as_classifier, load_classifier
-from pipeline.serving.images import SIDE, ImageError, prepare_image, read_image
+from pipeline.core.data import IMAGE_SIDE
+from pipeline.serving.images import ImageError, prepare_image, read_image
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def predict_images(model: Any, images: Sequence[Image.Image]) -> list[dict[str, 
             ready.append(index)
         except ImageError as error:
             results[index] = {"error": str(error)}
-    for index, probs in zip(ready, probabilities(model, np.stack(pixels) if pixels else np.zeros((0, SIDE, SIDE)))):
+    for index, probs in zip(ready, probabilities(model, np.stack(pixels) if pixels else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE)))):
         results[index] = describe(probs)
     return results
 

@@ -110,7 +110,7 @@ class Objective:
 def tuning_data(params: Params) -> dict[str, np.ndarray]:
     """The stratified subsamples every trial trains and validates on (loaded once per session)."""
     from pipeline.core.data import load_split, stratified_take
-    from pipeline.core.model import as_model_input
+    from pipeline.core.data import as_model_input
 
     train = stratified_take(load_split(params.paths.train_split), params.tune.train_images, params.seed)
     val = stratified_take(load_split(params.paths.val_split), params.tune.val_images, params.seed)

@@ -48,7 +48,8 @@ def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path) ->
 
     from pipeline.core import registry, tracking
     from pipeline.core.export import log_keras_model
-    from pipeline.core.model import as_model_input, model_signature
+    from pipeline.core.data import as_model_input
+    from pipeline.core.model import model_signature
     from pipeline.serving.classifier import KerasClassifier, verify_logged_model
 
     tracking.configure_tracking()
