@@ -14,7 +14,7 @@ import subprocess
 import warnings
 from pathlib import Path
 
-from pipeline.core.errors import PipelineError, first_line  # noqa: F401 (tracking.first_line: used by callers)
+from pipeline.core.errors import PipelineError, first_line, redact
 from pipeline.core.paths import SQLITE_PREFIX, project_root, sqlite_file
 
 log = logging.getLogger("pipeline.core.tracking")
@@ -78,18 +78,18 @@ def ensure_experiment(name: str) -> str:
                 if experiment.tags.get(key) != value:
                     mlflow.MlflowClient().set_experiment_tag(experiment_id, key, value)
     except MlflowException as error:
-        raise PipelineError(
-            f"MLflow tracking store {uri} is unreachable ({first_line(error)}); start the server "
-            "or unset MLFLOW_TRACKING_URI to use the embedded store"
-        ) from None
+        raise store_unreachable(uri, first_line(error)) from None
     except Exception as error:  # connection errors surface as requests/sqlalchemy exceptions
-        raise PipelineError(
-            f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: {first_line(error)}); "
-            "start the server or unset MLFLOW_TRACKING_URI to use the embedded store"
-        ) from None
+        raise store_unreachable(uri, f"{type(error).__name__}: {first_line(error)}") from None
     mlflow.set_experiment(experiment_id=experiment_id)
     close_orphaned_runs(experiment_id)  # every stage starts here: a killed predecessor's runs end now
     return experiment_id
+
+
+def store_unreachable(uri: str, why: str) -> PipelineError:
+    """The one message for a tracking store (server or database) that does not answer."""
+    return PipelineError(f"MLflow tracking store {redact(uri)} is unreachable ({redact(why)}); start it, "
+                         "or unset MLFLOW_TRACKING_URI to use the embedded store")
 
 
 def check_server(uri: str, timeout_s: float = 10.0) -> None:
@@ -99,10 +99,7 @@ def check_server(uri: str, timeout_s: float = 10.0) -> None:
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
     except requests.RequestException as error:
-        raise PipelineError(
-            f"MLflow tracking store {uri} is unreachable ({type(error).__name__}); start the server "
-            "or unset MLFLOW_TRACKING_URI to use the embedded store"
-        ) from None
+        raise store_unreachable(uri, type(error).__name__) from None
 
 
 def is_remote(uri: str) -> bool:
