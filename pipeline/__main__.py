@@ -10,52 +10,22 @@ import importlib
 import os
 import sys
 
-from pipeline.core.errors import exit_on_user_error, redact
 
 # command -> ("module:function", help)
 COMMANDS = {
-    "info": ("pipeline.__main__:info_main", "print where the stores, data, model and metrics live"),
-    "ui": ("pipeline.core.mlflow_ui:main", "open the MLflow UI on the project's tracking store"),
-    "runs": ("pipeline.core.runs:main", "compare training runs: params, test and handwriting accuracy, version (--sort, --top)"),
-    "registry": ("pipeline.core.registry:list_main", "list registered versions, aliases and metrics"),
-    "promote": ("pipeline.core.registry:promote_main", "promote a registered version to champion (--version N)"),
-    "rollback": ("pipeline.core.registry:rollback_main", "move champion back to the previous champion"),
+    "info": ("pipeline.commands.info:main", "print where the stores, data, model and metrics live"),
+    "ui": ("pipeline.commands.ui:main", "open the MLflow UI on the project's tracking store"),
+    "runs": ("pipeline.commands.runs:main", "compare training runs: params, test and handwriting accuracy, version (--sort, --top)"),
+    "registry": ("pipeline.commands.registry:list_main", "list registered versions, aliases and metrics"),
+    "promote": ("pipeline.commands.registry:promote_main", "promote a registered version to champion (--version N)"),
+    "rollback": ("pipeline.commands.registry:rollback_main", "move champion back to the previous champion"),
     "tune": ("pipeline.tune:main", "run or extend the Optuna study (--more N adds trials, --workers N)"),
     "tune-worker": ("pipeline.tune:worker_main", "join the study in params.yaml as one more worker"),
-    "dashboard": ("pipeline.tuning.dashboard:main", "open optuna-dashboard on the study storage in params.yaml"),
-    "predict": ("pipeline.serving.predict:main", "predict digits in your own image files"),
-    "serve": ("pipeline.serving.serve:main", "serve the champion with MLflow's scoring app and a request-size limit"),
-    "web": ("pipeline.serving.web:main", "serve a page to draw or upload a digit"),
+    "dashboard": ("pipeline.commands.dashboard:main", "open optuna-dashboard on the study storage in params.yaml"),
+    "predict": ("pipeline.commands.predict:main", "predict digits in your own image files"),
+    "serve": ("pipeline.commands.serve:main", "serve the champion over MLflow's scoring protocol, with request limits"),
+    "web": ("pipeline.commands.web:main", "serve a page to draw or upload a digit"),
 }
-
-
-def info_lines(params_path: str = "params.yaml") -> list[str]:
-    """Where everything lives, one `key: value` per line."""
-    from pipeline.core import tracking
-    from pipeline.core.config import load_params
-    from pipeline.core.paths import project_root
-    from pipeline.tuning.study import resolve_storage_url, study_name
-
-    params = load_params(params_path)
-    root = project_root()
-    return [
-        f"project_root: {root}",
-        f"tracking_uri: {tracking.tracking_uri()}",
-        f"artifact_root: {tracking.default_artifact_root()}",
-        f"experiment: {params.tracking.experiment}",
-        f"registered_model: {params.tracking.registered_model}",
-        f"champion_uri: models:/{params.tracking.registered_model}@champion",
-        f"study_storage: {resolve_storage_url(params.tune.storage)}",
-        f"study_name: {study_name(params)}",
-        *(f"paths.{key}: {root / value}" for key, value in params.paths.model_dump().items()),
-    ]
-
-
-@exit_on_user_error
-def info_main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m pipeline info", description=COMMANDS["info"][1]).parse_args(argv)
-    print(redact("\n".join(info_lines())))
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

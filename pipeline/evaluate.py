@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from pipeline.core import evaluation, plots, registry, tracking
+    from pipeline.core import evaluation, plots, tracking
+    from pipeline.registry.locks import require_promotion_lock
+    from pipeline.registry.store import promote, register
     from pipeline.core.data import load_split, split_digest
     from pipeline.core.scoring import classification_metrics, load_keras_model, make_scorer, predict_probabilities
     from pipeline.serving.classifier import verify_logged_model
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     test = load_split(paths.test_split)
     model = load_keras_model(Path(paths.model))
     tracking.ensure_experiment(params.tracking.experiment)
-    registry.require_promotion_lock(params.promote.lock)  # refused before any work, not after registering
+    require_promotion_lock(params.promote.lock)  # refused before any work, not after registering
 
     probabilities = predict_probabilities(model, test.x, params.evaluate.batch_size)
     metrics = classification_metrics(test.y, probabilities)
@@ -81,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             evaluation.log_evaluation(staging.path, paths, test, metrics, handwriting)
             version_tags = evaluation.version_tags(metrics, handwriting["accuracy"], digest, len(test), record,
                                                    model_file_tags, mlflow.get_run(record["run_id"]).data.tags)
-            version = registry.register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
-            decision = registry.promote(params.tracking.registered_model, str(version.version),
+            version = register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
+            decision = promote(params.tracking.registered_model, str(version.version),
                                         params.promote.margin, digest, make_scorer(test, params.evaluate.batch_size),
                                         lock_url=params.promote.lock)
             evaluation.log_promotion(str(version.version), decision)

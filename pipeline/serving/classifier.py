@@ -100,13 +100,15 @@ def load_keras_file(path: Path) -> KerasClassifier:
 
 def registered_version(client: Any, uri: str) -> Any:
     """The ModelVersion a `models:/` or `runs:/` URI names."""
+    from pipeline.registry.store import find_version_for_run
+
     if uri.startswith("runs:/"):
         run_id = uri.removeprefix("runs:/").split("/")[0]
-        versions = client.search_model_versions(f"run_id = '{run_id}'")
-        if not versions:
+        version = find_version_for_run(client, run_id)
+        if version is None:
             raise PipelineError(f"run {run_id} has no registered model version; serve a registered one "
                                 "(models:/<name>@champion) so that its hash can be checked")
-        return max(versions, key=lambda version: int(version.version))
+        return version
     name, _, selector = uri.removeprefix("models:/").partition("@")
     if selector:
         return client.get_model_version_by_alias(name, selector)

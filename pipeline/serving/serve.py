@@ -19,7 +19,6 @@ What differs:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -28,7 +27,7 @@ import socket
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -235,64 +234,3 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as error:  # create_server's message repeats the address; errno's is enough
         reason = os.strerror(error.errno) if (error.errno or 0) > 0 else error.strerror
         raise PipelineError(f"cannot listen on {host}:{port} ({reason}); pass another --port or --host") from None
-
-
-def positive(kind: type):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline serve",
-        description="Serve a registered model with MLflow's scoring protocol (/invocations, /ping, /version).",
-    )
-    parser.add_argument(
-        "--model", help="models:/<name>@<alias>, models:/<name>/<version> or a .keras file "
-                        "(default: models:/<tracking.registered_model>@champion)"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5001, help="port (default: 5001)")
-    parser.add_argument("--max-body-mb", type=positive(float), default=DEFAULT_MAX_BODY_MB,
-                        help=f"larger request bodies get 413, in MiB (default: {DEFAULT_MAX_BODY_MB:g})")
-    parser.add_argument("--max-images", type=positive(int), default=DEFAULT_MAX_IMAGES,
-                        help=f"most images in one request (default: {DEFAULT_MAX_IMAGES})")
-    parser.add_argument("--max-concurrent", type=positive(int), default=DEFAULT_MAX_CONCURRENT,
-                        help=f"requests in flight beyond this get 503 (default: {DEFAULT_MAX_CONCURRENT})")
-    parser.add_argument("--timeout-s", type=positive(float), default=DEFAULT_TIMEOUT_S,
-                        help=f"a request not answered within this gets 503 (default: {DEFAULT_TIMEOUT_S:g})")
-    parser.add_argument("--access-log", action="store_true", help="log every request")
-    return parser.parse_args(argv)
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    import uvicorn
-
-    from pipeline.core.runtime import setup_logging
-
-    args = parse_args(argv)
-    setup_logging()
-    from pipeline.core.registry import champion_uri
-    from pipeline.serving.classifier import load_classifier
-
-    uri = args.model or champion_uri()
-    server_socket = listen(args.host, args.port)  # a busy port fails before the model loads
-    app = build_app(load_classifier(uri), int(args.max_body_mb * MIB), args.max_images, args.max_concurrent,
-                    args.timeout_s)
-    netloc = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
-    log.info("serving %s at http://%s/invocations; bodies over %g MiB get 413, over %d images 413, "
-             "beyond %d concurrent requests 503", uri, netloc, args.max_body_mb, args.max_images,
-             args.max_concurrent)
-    config = uvicorn.Config(app, log_level="info", access_log=args.access_log,
-                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-    uvicorn.Server(config).run(sockets=[server_socket])
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,7 +11,6 @@ and pictures over images.MAX_PIXELS are refused before they are decoded.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
 import io
@@ -24,11 +23,11 @@ from typing import Any
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from pipeline.core.errors import PipelineError, exit_on_user_error, redact
-from pipeline.core.registry import champion_uri
+from pipeline.core.errors import PipelineError, redact
+from pipeline.registry.store import champion_uri
 from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.classifier import load_classifier
-from pipeline.serving.predict import MODEL_OPTION_HELP, describe, probabilities
+from pipeline.serving.predict import describe, probabilities
 
 log = logging.getLogger(__name__)
 
@@ -174,38 +173,3 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
 def warm_up(app: Flask) -> None:
     """Load the model now, so that a bad --model fails before the server starts."""
     app.extensions["mnist_model"].get()
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pipeline web", description="Draw or upload a digit, see the prediction.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5005, help="port (default: 5005)")
-    parser.add_argument("--model", help=MODEL_OPTION_HELP)
-    return parser.parse_args(argv)
-
-
-@exit_on_user_error
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args.model)
-    warm_up(app)
-    import waitress
-
-    try:
-        server = waitress.create_server(app, host=args.host, port=args.port, threads=THREADS,
-                                        max_request_body_size=2 * MAX_UPLOAD_BYTES)  # Flask answers 413 first
-    except OSError as error:
-        raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
-    print(f"serving on http://{args.host}:{args.port}/ (model {app.extensions['mnist_model'].uri}); Ctrl+C stops",
-          flush=True)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

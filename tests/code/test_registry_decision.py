@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.core.registry import decide_promotion, should_promote
+from pipeline.registry.decision import decide_promotion
 
 
 def test_first_version_becomes_champion():
@@ -14,14 +14,14 @@ def test_first_version_becomes_champion():
      (0.989, 0.990, 0.0, False), (0.990, 0.990, 0.0, True)],
 )
 def test_candidate_must_beat_champion_by_margin(candidate, champion, margin, expected):
-    assert should_promote(candidate, champion, margin) is expected
     decision = decide_promotion(candidate, champion, margin)
+    assert decision.promote is expected
     assert decision.status == ("promoted" if expected else "rejected")
     assert f"{champion:.4f}" in decision.reason
 
 
 def test_champion_uri_follows_the_registered_model_in_params(tmp_path, monkeypatch, repo_root):
-    from pipeline.core.registry import champion_uri
+    from pipeline.registry.store import champion_uri
 
     monkeypatch.chdir(tmp_path)
     assert champion_uri() == "models:/mnist-cnn@champion"  # no params.yaml here: the built-in name

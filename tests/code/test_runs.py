@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.__main__ import main as pipeline_main
 from pipeline.core.errors import PipelineError
-from pipeline.core.runs import format_runs, runs_table
+from pipeline.commands.runs import format_runs, runs_table
 
 
 def search_rows(*rows: dict) -> pd.DataFrame:

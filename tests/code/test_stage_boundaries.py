@@ -87,10 +87,26 @@ def test_params_list_exactly_the_sections_the_stage_reads(stage):
 def test_the_derivation_sees_function_level_imports(tmp_path):
     """A guard on the guard: an import inside a function counts."""
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from pipeline.core import registry\n    import pipeline.core.plots\n")
-    assert imported_modules(source) == {"pipeline.core.registry", "pipeline.core.plots"}
+    source.write_text("def f():\n    from pipeline.registry import store\n    import pipeline.core.plots\n")
+    assert imported_modules(source) == {"pipeline.registry", "pipeline.registry.store", "pipeline.core.plots"}
 
 
 if __name__ == "__main__":  # prints each stage's code deps, to paste into dvc.yaml
     for name in STAGES:
         print(name, sorted(code_deps(name)))
+
+
+def test_only_the_command_line_entry_points_parse_argv():
+    """Library modules never parse argv: argparse is imported only by `pipeline/commands/`, the
+    dispatcher and the stages."""
+    entry_points = {f"pipeline/{stage}.py" for stage in STAGES} | {"pipeline/__main__.py"}
+    parsing = set()
+    for path in sorted((REPO_ROOT / PACKAGE).rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        if "argparse" in names:
+            parsing.add(path.relative_to(REPO_ROOT).as_posix())
+    outside = {path for path in parsing if path not in entry_points and not path.startswith("pipeline/commands/")}
+    assert outside == set(), f"these library modules parse argv; move their CLI to pipeline/commands/: {sorted(outside)}"
+    assert "pipeline/commands/common.py" in parsing  # the check sees real imports

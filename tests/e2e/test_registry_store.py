@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pipeline.core import registry
+from pipeline.registry import store as registry
 from tests.helpers import make_recipe
 from pipeline.core.errors import PipelineError
 from tests.e2e.conftest import run
@@ -159,5 +159,8 @@ def test_promote_and_rollback_commands(store, repo_root):
     assert f"from v{second} to v{first}" in rolled.stdout and champion() == first
     missing = run([sys.executable, "-m", "pipeline", "promote", "--version", "99"], store, check=False)
     assert missing.returncode == 2 and "has no version 99" in missing.stderr
+    typo = run([sys.executable, "-m", "pipeline", "promote", "--version", "abc"], store, check=False)
+    assert typo.returncode == 2 and "--version: 'abc' is not a number" in typo.stderr  # a typo, not the store
+    assert "tracking store" not in typo.stderr and champion() == first
     forced = run([sys.executable, "-m", "pipeline", "promote", "--version", second, "--force"], store)
     assert f"v{second}: promoted" in forced.stdout and champion() == second

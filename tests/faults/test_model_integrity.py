@@ -79,7 +79,7 @@ REFUSALS = {
 
 @pytest.mark.parametrize("version", sorted(REFUSALS))
 def test_predict_refuses_in_one_line(store, version, tmp_path, capsys):
-    from pipeline.serving.predict import main
+    from pipeline.commands.predict import main
 
     picture = tmp_path / "one.png"
     vertical_one().save(picture)
@@ -91,7 +91,7 @@ def test_predict_refuses_in_one_line(store, version, tmp_path, capsys):
 
 
 def test_the_untouched_version_loads(store, tmp_path, capsys):
-    from pipeline.serving.predict import main
+    from pipeline.commands.predict import main
 
     picture = tmp_path / "one.png"
     vertical_one().save(picture)

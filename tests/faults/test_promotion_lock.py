@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from pipeline.core import registry
+from pipeline.registry import locks
+from pipeline.registry import store as registry
 from pipeline.core.errors import PipelineError
 from tests.faults.test_registry_faults import DIGEST, MODEL, never_rescore, state, store  # noqa: F401 (fixture)
 
@@ -59,23 +60,23 @@ def test_a_shared_registry_without_a_shared_lock_is_refused(uri, tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     with pytest.raises(PipelineError, match="set promote.lock in params.yaml") as refused:
-        with registry.promotion_lock(MODEL):
+        with locks.promotion_lock(MODEL):
             raise AssertionError("promoted without a shared lock")
     assert "pw@" not in str(refused.value) and not (tmp_path / "mlruns").exists()
-    registry.require_promotion_lock("postgresql://postgres@db-host/mlflow")  # with a lock: accepted
+    locks.require_promotion_lock("postgresql://postgres@db-host/mlflow")  # with a lock: accepted
 
 
 def test_the_embedded_store_keeps_its_file_lock(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    with registry.promotion_lock(MODEL):
+    with locks.promotion_lock(MODEL):
         assert (tmp_path / "mlruns" / f".{MODEL}.promotion.lock").exists()
 
 
 def test_an_unreachable_lock_is_one_line_without_its_password():
     with pytest.raises(PipelineError, match="promotion lock .*unreachable") as failed:
-        with registry.promotion_lock(MODEL, "postgresql://postgres:s3cr3t@127.0.0.1:9/mlflow", timeout_s=5):
+        with locks.promotion_lock(MODEL, "postgresql://postgres:s3cr3t@127.0.0.1:9/mlflow", timeout_s=5):
             raise AssertionError("no lock was taken")
     assert "s3cr3t" not in str(failed.value) and "postgres:***@127.0.0.1:9" in str(failed.value)
     assert "\n" not in str(failed.value)
@@ -84,13 +85,13 @@ def test_an_unreachable_lock_is_one_line_without_its_password():
 @pytest.mark.postgres
 def test_the_advisory_lock_excludes_a_second_holder(postgres_database):
     lock_url = postgres_database()
-    with registry.promotion_lock(MODEL, lock_url):
+    with locks.promotion_lock(MODEL, lock_url):
         with pytest.raises(PipelineError, match="another promotion of mnist-cnn held the lock"):
-            with registry.promotion_lock(MODEL, lock_url, timeout_s=1):
+            with locks.promotion_lock(MODEL, lock_url, timeout_s=1):
                 raise AssertionError("two holders at once")
-        with registry.promotion_lock("another-model", lock_url, timeout_s=1):
+        with locks.promotion_lock("another-model", lock_url, timeout_s=1):
             pass  # one lock per model
-    with registry.promotion_lock(MODEL, lock_url, timeout_s=1):
+    with locks.promotion_lock(MODEL, lock_url, timeout_s=1):
         pass  # released
 
 

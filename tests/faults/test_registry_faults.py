@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.core import registry
+from pipeline.registry import store as registry
 from pipeline.core.errors import PipelineError
 
 MODEL = "mnist-cnn"

@@ -46,7 +46,8 @@ def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path) ->
     import keras
     import mlflow
 
-    from pipeline.core import registry, tracking
+    from pipeline.core import tracking
+    from pipeline.registry import store as registry
     from pipeline.core.export import log_keras_model
     from pipeline.core.data import as_model_input
     from pipeline.core.model import model_signature

@@ -17,7 +17,8 @@ from scipy import ndimage
 from pipeline.serving import handwriting
 from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.classifier import load_classifier
-from pipeline.serving.predict import main, predict_files
+from pipeline.commands.predict import main
+from pipeline.serving.predict import predict_files
 from tools import handwriting as generator
 
 from tests.serving.fixtures import (  # noqa: F401
@@ -255,7 +256,7 @@ def test_registered_model_uri(tiny_model_path, mnist_file, pictures, tmp_path, m
 @pytest.mark.slow
 def test_module_entry_point(tiny_model_path, pictures):
     run = subprocess.run(
-        [sys.executable, "-m", "pipeline.serving.predict", "--json", "--model", str(tiny_model_path),
+        [sys.executable, "-m", "pipeline", "predict", "--json", "--model", str(tiny_model_path),
          str(pictures["jpg"]), str(pictures["text"])],
         cwd=REPO, capture_output=True, text=True, timeout=180, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )

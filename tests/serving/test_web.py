@@ -180,12 +180,12 @@ def browser_or_skip() -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path, tmp_path_factory):
-    """`python -m pipeline.serving.web` on a free loopback port; yields its base URL."""
+    """`python -m pipeline web` on a free loopback port; yields its base URL."""
     port = free_port()
     log = tmp_path_factory.mktemp("web") / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.serving.web", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "pipeline", "web", "--host", "127.0.0.1", "--port", str(port),
              "--model", str(tiny_model_path)],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )

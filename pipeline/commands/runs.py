@@ -6,11 +6,12 @@ accuracy, and the registered version with its aliases, one row per `train` run.
 
 from __future__ import annotations
 
-import argparse
 from datetime import datetime
 
 import pandas as pd
 
+from pipeline.commands.common import parser as command_parser
+from pipeline.commands.common import positive
 from pipeline.core.errors import PipelineError, exit_on_user_error
 
 # shown column -> its `mlflow.search_runs` column (params are strings there, metrics floats)
@@ -73,7 +74,7 @@ def format_runs(table: pd.DataFrame) -> str:
 def version_aliases(client, model_name: str) -> dict[str, str]:
     """{version: "challenger,champion"} of a registered model; empty before one is registered (a store
     error is one line, never "no aliases")."""
-    from pipeline.core.registry import aliases_by_version
+    from pipeline.registry.store import aliases_by_version
 
     return {version: ",".join(names) for version, names in (aliases_by_version(client, model_name) or {}).items()}
 
@@ -84,7 +85,7 @@ def training_runs(experiment: str) -> pd.DataFrame:
     import mlflow
 
     from pipeline.core import tracking
-    from pipeline.core.mlflow_ui import require_store
+    from pipeline.commands.ui import require_store
 
     uri = tracking.tracking_uri()
     require_store(uri)  # before configure_tracking, which would create an empty embedded store
@@ -104,13 +105,6 @@ def training_runs(experiment: str) -> pd.DataFrame:
     return runs
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     """`python -m pipeline runs [--sort COLUMN] [--top N]`."""
@@ -120,12 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.paths import project_root
     from pipeline.core.runtime import setup_logging
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline runs", description="Compare the training runs, newest "
-                                     "first: the terminal twin of the MLflow UI's compare view.")
+    parser = command_parser("runs", "Compare the training runs, newest first: the terminal twin of the MLflow "
+                            "UI's compare view.")
     parser.add_argument("--sort", default="started", choices=SORTABLE, metavar="COLUMN",
                         help=f"order by this column: numbers highest first, text A-Z (one of {', '.join(SORTABLE)}; "
                              "default: started)")
-    parser.add_argument("--top", type=positive_int, metavar="N", help="show only the first N runs")
+    parser.add_argument("--top", type=positive(int), metavar="N", help="show only the first N runs")
     args = parser.parse_args(argv)
     setup_logging()
     params = load_params(project_root() / PARAMS_FILE)

@@ -6,10 +6,10 @@ store; this command finds the store the stages log to (`pipeline.core.tracking`)
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
+from pipeline.commands.common import address_options, parser
 from pipeline.core import tracking
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError, exit_on_user_error, redact
@@ -41,10 +41,7 @@ def require_store(store_uri: str) -> None:
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline ui", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
-    args = parser.parse_args(argv)
+    args = parser("ui", __doc__.splitlines()[0], address_options(5000)).parse_args(argv)
     store_uri = tracking.tracking_uri()
     if tracking.is_remote(store_uri):
         print(f"the project tracks to the MLflow server {redact(store_uri)}: open it there")

@@ -1,27 +1,30 @@
-"""MLflow model registry: versions of `mnist-cnn`, `challenger`/`champion` aliases, promotion.
+"""The model registry's state: versions of `mnist-cnn`, the `challenger`/`champion` aliases with
+their history, and the promotion step that moves them (with undo when a write fails).
 
-Promotion is one pure decision (`decide_promotion`) plus small adapters. Aliases, never the
-deprecated stages. A lock serialises promotions so two racing promotions always leave exactly one
-champion, chosen on fresh data: a PostgreSQL advisory lock named by `promote.lock` that every machine
-shares, or, for the embedded store only, a file lock in the project's `mlruns/`.
+Aliases, never the deprecated stages. Everything is read and decided before the first write; a store
+error at any call stops with one line (`store_failure`), never with a guess.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
-from dataclasses import dataclass
 
-from pipeline.core.errors import PipelineError, exit_on_user_error, redact
-from pipeline.core.paths import project_root
+from pipeline.core.errors import PipelineError, first_line
+from pipeline.core.tracking import configure_tracking, registry_uri, store_unreachable
+from pipeline.registry.decision import Decision, decide_promotion
+from pipeline.registry.locks import promotion_lock
 
-log = logging.getLogger("pipeline.core.registry")
+log = logging.getLogger("pipeline.registry")
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 DEFAULT_MODEL_NAME = "mnist-cnn"  # what serving assumes outside a project (params.yaml names it inside)
 CHAMPION_HISTORY_TAG = "champion_history"  # on the model: versions that held champion, oldest first
+
+
+def champion_uri_of(model_name: str) -> str:
+    return f"models:/{model_name}@{CHAMPION}"
 
 
 def champion_uri(params_file: str = "params.yaml") -> str:
@@ -32,36 +35,7 @@ def champion_uri(params_file: str = "params.yaml") -> str:
 
     path = resolve_in_project(params_file)
     name = load_params(path).tracking.registered_model if path.is_file() else DEFAULT_MODEL_NAME
-    return f"models:/{name}@{CHAMPION}"
-
-
-@dataclass(frozen=True)
-class Decision:
-    promote: bool
-    reason: str
-    candidate_accuracy: float
-    champion_accuracy: float | None
-    margin: float
-
-    @property
-    def status(self) -> str:
-        return "promoted" if self.promote else "rejected"
-
-
-def decide_promotion(candidate_accuracy: float, champion_accuracy: float | None, margin: float) -> Decision:
-    """Promote when there is no champion, or the candidate beats it by at least `margin`."""
-    if champion_accuracy is None:
-        return Decision(True, "no champion yet", candidate_accuracy, None, margin)
-    gain = candidate_accuracy - champion_accuracy
-    if gain >= margin - 1e-12:
-        reason = f"test accuracy {candidate_accuracy:.4f} beats champion {champion_accuracy:.4f} by {gain:+.4f} >= margin {margin}"
-        return Decision(True, reason, candidate_accuracy, champion_accuracy, margin)
-    reason = f"test accuracy {candidate_accuracy:.4f} vs champion {champion_accuracy:.4f}: gain {gain:+.4f} < margin {margin}"
-    return Decision(False, reason, candidate_accuracy, champion_accuracy, margin)
-
-
-def should_promote(candidate_accuracy: float, champion_accuracy: float | None, margin: float) -> bool:
-    return decide_promotion(candidate_accuracy, champion_accuracy, margin).promote
+    return champion_uri_of(name)
 
 
 DATABASE_PORTS = {"postgresql": 5432, "postgres": 5432, "mysql": 3306, "mssql": 1433}
@@ -80,105 +54,18 @@ def check_database_server(uri: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((parts.hostname, parts.port or port), timeout=timeout_s).close()
     except OSError as error:
-        raise PipelineError(f"MLflow tracking store {redact(uri)} is unreachable ({error.strerror or type(error).__name__}); "
-                            "start the database, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
+        raise store_unreachable(uri, error.strerror or type(error).__name__) from None
 
 
 def client():
     from mlflow import MlflowClient
-
-    from pipeline.core.tracking import configure_tracking, first_line, registry_uri
 
     uri = configure_tracking()
     check_database_server(registry_uri())
     try:
         return MlflowClient()
     except Exception as error:  # an unreachable database fails here, as sqlalchemy's error
-        raise PipelineError(f"MLflow tracking store {uri} is unreachable ({type(error).__name__}: "
-                            f"{first_line(error)}); start "
-                            "it, or unset MLFLOW_TRACKING_URI to use the embedded store") from None
-
-
-LOCK_TIMEOUT_S = 120.0  # how long a promotion waits for another one of the same model to end
-
-
-def is_shared_store(uri: str) -> bool:
-    """A registry other machines can reach (a tracking server, a database server): a file lock cannot
-    exclude their promotions. SQLite files and local folders are this machine's."""
-    from pipeline.core.tracking import is_remote
-
-    return is_remote(uri) or ("://" in uri and not uri.startswith(("sqlite:", "file:")))
-
-
-def require_promotion_lock(lock_url: str) -> None:
-    """Refuse, before anything is written, to promote against a shared registry without a shared lock."""
-    from pipeline.core.tracking import registry_uri
-
-    uri = registry_uri()
-    if not lock_url and is_shared_store(uri):
-        raise PipelineError(f"the model registry {redact(uri)} is shared, so promotions need a lock every machine "
-                            "shares: set promote.lock in params.yaml to a PostgreSQL URL (e.g. "
-                            "postgresql://user@db-host/mlflow), or unset MLFLOW_TRACKING_URI to use the embedded store")
-
-
-def advisory_lock_key(model_name: str) -> int:
-    """The 64-bit key of a model's promotion lock (PostgreSQL advisory locks are numbered)."""
-    digest = hashlib.sha256(f"mnist-pipeline promotion {model_name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big", signed=True)
-
-
-@contextlib.contextmanager
-def advisory_lock(lock_url: str, model_name: str, timeout_s: float):
-    """A PostgreSQL session advisory lock: held while this connection lives, so a killed holder
-    releases it at once."""
-    import psycopg
-
-    from pipeline.core.tracking import first_line
-
-    conninfo = lock_url.replace("postgresql+psycopg://", "postgresql://", 1).replace("postgresql+psycopg2://", "postgresql://", 1)
-    key = advisory_lock_key(model_name)
-    try:
-        connection = psycopg.connect(conninfo, autocommit=True, connect_timeout=10,
-                                     application_name=f"mnist-pipeline promotion of {model_name}")
-    except psycopg.Error as error:
-        raise PipelineError(f"the promotion lock {redact(lock_url)} is unreachable ({type(error).__name__}: "
-                            f"{redact(first_line(error))}); start the database or fix promote.lock") from None
-    with connection:
-        try:
-            connection.execute(f"SET lock_timeout = '{int(timeout_s * 1000)}ms'")
-            connection.execute("SELECT pg_advisory_lock(%s)", (key,))
-        except psycopg.errors.LockNotAvailable:
-            raise PipelineError(f"another promotion of {model_name} held the lock in {redact(lock_url)} for "
-                                f"{timeout_s:.0f} s; retry when it ends") from None
-        except psycopg.Error as error:
-            raise PipelineError(f"the promotion lock {redact(lock_url)} failed ({type(error).__name__}: "
-                                f"{redact(first_line(error))}); retry when the database answers") from None
-        try:
-            yield
-        finally:
-            with contextlib.suppress(psycopg.Error):  # a lost connection has released the lock already
-                connection.execute("SELECT pg_advisory_unlock(%s)", (key,))
-
-
-@contextlib.contextmanager
-def promotion_lock(model_name: str, lock_url: str = "", timeout_s: float = LOCK_TIMEOUT_S):
-    """Serialise alias changes of one model: across machines with `lock_url` (a PostgreSQL advisory
-    lock), else across processes on this machine (a file lock, refused for a shared registry)."""
-    if lock_url:
-        with advisory_lock(lock_url, model_name, timeout_s):
-            yield
-        return
-    require_promotion_lock(lock_url)
-    from filelock import FileLock, Timeout
-
-    lock_dir = project_root() / "mlruns"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_dir / f".{model_name}.promotion.lock"))
-    try:
-        with lock.acquire(timeout=timeout_s):
-            yield
-    except Timeout:
-        raise PipelineError(f"another promotion of {model_name} holds {lock.lock_file}; retry when it ends") from None
+        raise store_unreachable(uri, f"{type(error).__name__}: {first_line(error)}") from None
 
 
 def is_not_found(error: Exception) -> bool:
@@ -189,8 +76,6 @@ def is_not_found(error: Exception) -> bool:
 
 def store_failure(action: str, error: Exception) -> PipelineError:
     """One line for a registry that did not answer as it should: nothing is decided on a guess."""
-    from pipeline.core.tracking import first_line
-
     return PipelineError(f"the model registry failed while {action} ({type(error).__name__}: {first_line(error)}); nothing more "
                          "was changed: retry when the tracking store answers")
 
@@ -218,10 +103,11 @@ def alias_version(mlflow_client, model_name: str, alias: str):
         raise store_failure(f"reading the {alias} alias", error) from None
 
 
-def find_version_for_run(mlflow_client, model_name: str, run_id: str):
-    """An existing version registered from this run (re-evaluating must not add duplicates)."""
+def find_version_for_run(mlflow_client, run_id: str, model_name: str | None = None):
+    """The newest version registered from this run (of `model_name`, if given); None if there is none."""
+    query = f"run_id='{run_id}'" + (f" and name='{model_name}'" if model_name else "")
     with registry_calls("looking for the run's version"):
-        versions = mlflow_client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+        versions = mlflow_client.search_model_versions(query)
     return max(versions, key=lambda v: int(v.version), default=None)
 
 
@@ -230,7 +116,7 @@ def register(model_uri: str, model_name: str, run_id: str, tags: dict[str, str])
     import mlflow
 
     mlflow_client = client()
-    version = find_version_for_run(mlflow_client, model_name, run_id)
+    version = find_version_for_run(mlflow_client, run_id, model_name)
     with registry_calls("registering the model"):
         if version is None:
             version = mlflow.register_model(model_uri, model_name, tags=tags)
@@ -327,7 +213,7 @@ def rollback_champion(mlflow_client, model_name: str, lock_url: str = "") -> tup
         return str(current.version), previous
 
 
-def champion_accuracy(mlflow_client, model_name: str, champion, test_digest: str, score) -> float:
+def test_accuracy_of(mlflow_client, model_name: str, champion, test_digest: str, score) -> float:
     """The champion's test accuracy on the current test data: its tag if measured on the same
     data, else re-scored with `score(model_uri)`."""
     tags = champion.tags or {}
@@ -366,7 +252,7 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
                 raise PipelineError(f"{model_name} has no version {version}; list them with "
                                     "`python -m pipeline registry`") from None
             raise store_failure(f"reading version {version}", error) from None
-        candidate_accuracy = champion_accuracy(mlflow_client, model_name, candidate, test_digest, score)
+        candidate_accuracy = test_accuracy_of(mlflow_client, model_name, candidate, test_digest, score)
         champion = alias_version(mlflow_client, model_name, CHAMPION)
         for _ in range(MAX_DECISIONS):
             decision = decide_and_write(mlflow_client, model_name, str(version), candidate_accuracy, champion,
@@ -390,7 +276,7 @@ def decide_and_write(mlflow_client, model_name: str, version: str, candidate_acc
     if champion is not None and str(champion.version) == version:
         decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
     else:
-        rival = None if champion is None else champion_accuracy(mlflow_client, model_name, champion, test_digest, score)
+        rival = None if champion is None else test_accuracy_of(mlflow_client, model_name, champion, test_digest, score)
         decision = decide_promotion(candidate_accuracy, rival, margin)
         if force and not decision.promote:
             decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
@@ -453,19 +339,6 @@ def version_rows(model_name: str) -> list[dict[str, str]]:
     return rows
 
 
-# ---- commands: python -m pipeline registry | promote | rollback -------------------------------------
-
-
-def format_table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "(no versions)"
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(row[c]) for row in rows)) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns), "  ".join("-" * widths[c] for c in columns)]
-    lines += ["  ".join(row[c].ljust(widths[c]) for c in columns) for row in rows]
-    return "\n".join(lines)
-
-
 def rescore_on_test(params):
     """A score(model_uri) -> accuracy function over the current test split, and its digest."""
     from pipeline.core.data import load_split, split_digest
@@ -473,51 +346,3 @@ def rescore_on_test(params):
 
     test = load_split(params.paths.test_split)
     return make_scorer(test, params.evaluate.batch_size), split_digest(test)
-
-
-def _command(prog: str, description: str, argv: list[str] | None, add_arguments=None):
-    import argparse
-
-    from pipeline.core.config import load_params
-    from pipeline.core.runtime import setup_logging
-
-    parser = argparse.ArgumentParser(prog=f"python -m pipeline {prog}", description=description)
-    if add_arguments:
-        add_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    return args, load_params()
-
-
-@exit_on_user_error
-def list_main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline registry`: the versions, aliases, status and metrics."""
-    _, params = _command("registry", "list registered versions, aliases and metrics", argv)
-    print(format_table(version_rows(params.tracking.registered_model)))
-    return 0
-
-
-@exit_on_user_error
-def promote_main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline promote --version N`: the promotion rule by hand; exit 1 when rejected."""
-    def arguments(parser):
-        parser.add_argument("--version", required=True, help="model version number")
-        parser.add_argument("--force", action="store_true", help="promote even if it does not beat the champion")
-
-    args, params = _command("promote", "promote a registered version to champion", argv, arguments)
-    name = params.tracking.registered_model
-    score, digest = rescore_on_test(params)
-    decision = promote(name, args.version, params.promote.margin, digest, score, force=args.force,
-                       lock_url=params.promote.lock)
-    print(f"{name} v{args.version}: {decision.status}: {decision.reason}")
-    return 0 if decision.promote else 1
-
-
-@exit_on_user_error
-def rollback_main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline rollback`: champion back to the version that held it before."""
-    _, params = _command("rollback", "move champion back to the previous champion", argv)
-    name = params.tracking.registered_model
-    previous, restored = rollback_champion(client(), name, params.promote.lock)
-    print(f"{name}: champion moved back from v{previous} to v{restored}")
-    return 0

@@ -1,0 +1,52 @@
+"""What several commands' parsers share: a positive-number type, the listening address, the params file."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.core.config import PARAMS_FILE
+
+
+def positive(kind: type = int):
+    """An argparse type: a number of `kind` above zero."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error
+    return parse
+
+
+def address_options(default_port: int) -> argparse.ArgumentParser:
+    """A parent parser for --host and --port of a command that listens."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    parent.add_argument("--port", type=int, default=default_port, help=f"port (default: {default_port})")
+    return parent
+
+
+MODEL_HELP = ("models:/<name>@<alias>, models:/<name>/<version>, runs:/<run id>/model or a .keras file "
+              "(default: models:/<tracking.registered_model>@champion from params.yaml)")
+
+
+def model_option() -> argparse.ArgumentParser:
+    """A parent parser for --model, the model a serving command loads."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--model", help=MODEL_HELP)
+    return parent
+
+
+def params_option() -> argparse.ArgumentParser:
+    """A parent parser for --params."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--params", default=PARAMS_FILE, help=f"params file (default: {PARAMS_FILE})")
+    return parent
+
+
+def parser(command: str, description: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python -m pipeline {command}", description=description, parents=list(parents))

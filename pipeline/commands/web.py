@@ -1,0 +1,37 @@
+"""`python -m pipeline web`: a page to draw or upload a digit, on waitress."""
+
+from __future__ import annotations
+
+import argparse
+
+from pipeline.commands.common import address_options, model_option, parser
+from pipeline.core.errors import PipelineError, exit_on_user_error
+from pipeline.core.runtime import setup_logging
+from pipeline.serving.web import MAX_UPLOAD_BYTES, THREADS, create_app, warm_up
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return parser("web", "Draw or upload a digit, see the prediction.", address_options(5005),
+                  model_option()).parse_args(argv)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    app = create_app(args.model)
+    warm_up(app)
+    import waitress
+
+    try:
+        server = waitress.create_server(app, host=args.host, port=args.port, threads=THREADS,
+                                        max_request_body_size=2 * MAX_UPLOAD_BYTES)  # Flask answers 413 first
+    except OSError as error:
+        raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
+    print(f"serving on http://{args.host}:{args.port}/ (model {app.extensions['mnist_model'].uri}); Ctrl+C stops",
+          flush=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0
