@@ -84,12 +84,17 @@ def decode_data_url(value: Any) -> bytes:
         raise BadUpload('"image" holds invalid base64 data') from None
 
 
-def read_json(body: bytes) -> Any:
-    """A decoded JSON body, or None when it is not JSON (bad UTF-8, too deep, malformed)."""
+def upload_json(body: bytes) -> Any:
+    """The decoded JSON body of an upload; BadUpload naming the problem when it is not JSON."""
     try:
         return json.loads(body)
-    except (ValueError, RecursionError):
-        return None
+    except UnicodeDecodeError:
+        raise BadUpload(f"request body is not UTF-8 JSON; {USAGE}") from None
+    except json.JSONDecodeError as error:
+        raise BadUpload(f"request body is not valid JSON ({error.msg} at line {error.lineno} column "
+                        f"{error.colno}); {USAGE}") from None
+    except RecursionError:
+        raise BadUpload(f"JSON nested too deeply; {USAGE}") from None
 
 
 def image_bytes_from_request() -> tuple[bytes, str]:
@@ -100,7 +105,7 @@ def image_bytes_from_request() -> tuple[bytes, str]:
             raise BadUpload(f"no file field \"image\" in the upload; {USAGE}")
         return upload.read(), upload.filename or "upload"
     if request.is_json:
-        payload = read_json(request.get_data(cache=False))
+        payload = upload_json(request.get_data(cache=False))
         if not isinstance(payload, dict) or "image" not in payload:
             raise BadUpload(f'JSON body needs an "image" key; {USAGE}')
         return decode_data_url(payload["image"]), "drawing"

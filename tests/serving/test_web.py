@@ -130,10 +130,12 @@ def test_oversized_upload_is_413(client):
         ({"data": {"image": "just text"}}, 'no file field "image"'),
         ({"json": {"picture": "data:image/png;base64,AAAA"}}, '"image" key'),
         ({"json": ["data:image/png;base64,AAAA"]}, '"image" key'),
+        ({"data": b'{"image": ', "content_type": "application/json"}, "not valid JSON (Expecting value at line 1"),
+        ({"data": b'{"image": "\xff"}', "content_type": "application/json"}, "not UTF-8 JSON"),
         ({"json": {"image": 42}}, "data URL string"),
         ({"json": {"image": "https://example.com/seven.png"}}, "not a data:image"),
         ({"json": {"image": "data:image/png;base64,@@@@"}}, "invalid base64"),
-        ({"data": "{not json", "content_type": "application/json"}, '"image" key'),
+        ({"data": "{not json", "content_type": "application/json"}, "not valid JSON (Expecting property name"),
         ({"data": b"\x89PNG...", "content_type": "image/png"}, "unsupported content type"),
     ],
 )
