@@ -164,7 +164,10 @@ def load_registered(uri: str) -> OnnxClassifier:
 def load_registered_keras(uri: str) -> Any:
     """The Keras model of the registered version a `models:/` or `runs:/` URI names, once its
     `KERAS_FILE` matches the version's `keras_sha256` (re-scoring a champion)."""
+    from pipeline.core.runtime import import_tensorflow
+
     quiet_downloads()
+    import_tensorflow()
     import keras
     import mlflow
 

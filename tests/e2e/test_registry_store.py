@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,15 +35,18 @@ def register_version(accuracy: float, digest: str = DIGEST) -> str:
     import mlflow
     import mlflow.keras
 
-    from pipeline.core.export import model_requirements
+    from pipeline.core.export import HASH_TAGS, KERAS_FILE, model_requirements
+    from pipeline.core.hashing import sha256_file
     from pipeline.core.model import build_model, model_signature
 
     model = build_model(make_recipe(conv_filters=[4], dense_units=0))
     with mlflow.start_run() as active:
         info = mlflow.keras.log_model(model, name="model", signature=model_signature(),
                                       pip_requirements=model_requirements())  # not inferred: ~10 s each
+    folder = Path(mlflow.artifacts.download_artifacts(info.model_uri))  # the re-score checks the Keras file's hash
     version = registry.register(info.model_uri, MODEL, active.info.run_id,
-                                {"test_accuracy": f"{accuracy:.6f}", "test_data_sha256": digest})
+                                {"test_accuracy": f"{accuracy:.6f}", "test_data_sha256": digest,
+                                 HASH_TAGS[KERAS_FILE]: sha256_file(folder / KERAS_FILE)})
     return str(version.version)
 
 
