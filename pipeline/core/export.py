@@ -66,15 +66,42 @@ def float32_clone(model):
     return clone
 
 
+HEAD_LAYER = "probabilities"  # the softmax layer of a single model (and of each ensemble member)
+FEATURES_OUTPUT = "features"  # the ONNX file's second output: what the head layer reads
+
+
+def classifier_head(model):
+    """The softmax layer whose input the digit verdict reads: the model's own, or for an ensemble
+    (whose output layer averages its members) the first member's."""
+    layer = model.get_layer(HEAD_LAYER)
+    if layer.__class__.__name__ != "Average":
+        return layer
+    first_member = next(sub for sub in model.layers if hasattr(sub, "get_layer"))
+    return first_member.get_layer(HEAD_LAYER)
+
+
+def with_features(model):
+    """`model` with a second output: the features its (first member's) softmax layer reads."""
+    import keras
+
+    head = classifier_head(model)
+    if head in model.layers:  # a single model: one graph computes both outputs
+        return keras.Model(model.inputs, [model.outputs[0], head.input], name=model.name)
+    member = next(sub for sub in model.layers if head in getattr(sub, "layers", ()))
+    features = keras.Model(member.inputs, head.input, name=f"{member.name}_features")(model.inputs[0])
+    return keras.Model(model.inputs, [model.outputs[0], features], name=model.name)
+
+
 def export_onnx(model, path: str | Path) -> Path:
-    """Write `model` (float32) as an ONNX file taking (n, 28, 28, 1) float32 raw pixels."""
+    """Write `model` (float32) as an ONNX file taking (n, 28, 28, 1) float32 raw pixels, with two
+    outputs: the probabilities and the features the digit verdict scores (`with_features`)."""
     import keras
 
     path = Path(path)
     with warnings.catch_warnings():  # tf2onnx probes the removed `np.object`
         warnings.simplefilter("ignore", FutureWarning)
-        model.export(str(path), format="onnx", verbose=False,
-                     input_signature=[keras.InputSpec(shape=(None, *INPUT_SHAPE), dtype="float32")])
+        with_features(model).export(str(path), format="onnx", verbose=False,
+                                    input_signature=[keras.InputSpec(shape=(None, *INPUT_SHAPE), dtype="float32")])
     return path
 
 
