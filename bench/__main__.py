@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from bench.report import carry_sprint_section, write_results, write_sprint_section
+from pipeline.commands.common import non_negative, positive
 from pipeline.core.config import load_params
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.runtime import setup_logging
@@ -18,78 +19,57 @@ log = logging.getLogger("bench")
 BENCH_DIR = Path(__file__).resolve().parent
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="reference vs default recipe: time to 99.0/99.5 %%, memory, inference")
-    train.add_argument("--epochs-reference", type=positive_int, default=5, help="epochs for the reference (default 5)")
-    train.add_argument("--epochs-default", type=positive_int, default=None,
+    train.add_argument("--epochs-reference", type=positive(int), default=5, help="epochs for the reference (default 5)")
+    train.add_argument("--epochs-default", type=positive(int), default=None,
                        help="epochs for the default recipe (default: params.yaml train.epochs)")
-    train.add_argument("--train-limit", type=non_negative_int, default=0,
+    train.add_argument("--train-limit", type=non_negative(int), default=0,
                        help="train on a stratified subset of N images (default 0: the whole training split)")
-    train.add_argument("--test-limit", type=non_negative_int, default=0,
+    train.add_argument("--test-limit", type=non_negative(int), default=0,
                        help="score on a stratified subset of N test images (default 0: all)")
-    train.add_argument("--inference-seconds", type=positive_float, default=2.0,
+    train.add_argument("--inference-seconds", type=positive(float), default=2.0,
                        help="time spent timing each inference batch size per model (default 2.0)")
 
     pruning = commands.add_parser("pruning", help="the tuning study with and without its pruner")
-    pruning.add_argument("--trials", type=positive_int, default=None, help="trials per study (default: tune.n_trials)")
-    pruning.add_argument("--train-images", type=positive_int, default=None, help="default: tune.train_images")
-    pruning.add_argument("--val-images", type=positive_int, default=None, help="default: tune.val_images")
-    pruning.add_argument("--epochs", type=positive_int, default=None, help="epochs per trial (default: tune.epochs)")
+    pruning.add_argument("--trials", type=positive(int), default=None, help="trials per study (default: tune.n_trials)")
+    pruning.add_argument("--train-images", type=positive(int), default=None, help="default: tune.train_images")
+    pruning.add_argument("--val-images", type=positive(int), default=None, help="default: tune.val_images")
+    pruning.add_argument("--epochs", type=positive(int), default=None, help="epochs per trial (default: tune.epochs)")
     pruning.add_argument("--pruner", choices=["hyperband", "successive_halving", "median"], default=None,
                          help="the pruner to measure (default: tune.pruner)")
 
     workers = commands.add_parser("workers", help="tuning throughput with 1 and 2 workers on one shared study")
     workers.add_argument("--storage", required=True,
                          help="an RDB URL both arms use, e.g. postgresql+psycopg://postgres@127.0.0.1/bench")
-    workers.add_argument("--trials", type=positive_int, default=8, help="trials per arm (default 8)")
+    workers.add_argument("--trials", type=positive(int), default=8, help="trials per arm (default 8)")
 
     sprint = commands.add_parser("sprint", help="presets.sprint vs the reference: training seconds to 99.0 %%, several seeds")
-    sprint.add_argument("--seeds", type=positive_int, default=5, help="seeds, from params.yaml's seed up (default 5)")
-    sprint.add_argument("--epochs-sprint", type=positive_int, default=2, help="epochs the sprint trains (default 2)")
-    sprint.add_argument("--epochs-reference", type=positive_int, default=10,
+    sprint.add_argument("--seeds", type=positive(int), default=5, help="seeds, from params.yaml's seed up (default 5)")
+    sprint.add_argument("--epochs-sprint", type=positive(int), default=2, help="epochs the sprint trains (default 2)")
+    sprint.add_argument("--epochs-reference", type=positive(int), default=10,
                         help="most epochs the reference gets to reach 99.0 %% (default 10)")
-    sprint.add_argument("--train-limit", type=non_negative_int, default=0, help="stratified training subset (0: all)")
-    sprint.add_argument("--test-limit", type=non_negative_int, default=0, help="stratified test subset (0: all)")
+    sprint.add_argument("--train-limit", type=non_negative(int), default=0, help="stratified training subset (0: all)")
+    sprint.add_argument("--test-limit", type=non_negative(int), default=0, help="stratified test subset (0: all)")
 
     accuracy = commands.add_parser("accuracy", help="a preset over several seeds (validation-selected) and their ensemble")
     accuracy.add_argument("--preset", default="accurate", help="the preset to train (default: accurate)")
-    accuracy.add_argument("--seeds", type=positive_int, default=3, help="seeds, from params.yaml's seed up (default 3)")
-    accuracy.add_argument("--epochs", type=positive_int, default=30, help="most epochs per seed (default 30)")
-    accuracy.add_argument("--patience", type=positive_int, default=None,
+    accuracy.add_argument("--seeds", type=positive(int), default=3, help="seeds, from params.yaml's seed up (default 3)")
+    accuracy.add_argument("--epochs", type=positive(int), default=30, help="most epochs per seed (default 30)")
+    accuracy.add_argument("--patience", type=positive(int), default=None,
                           help="early-stopping patience on val_accuracy (default: --epochs, i.e. none)")
-    accuracy.add_argument("--train-limit", type=non_negative_int, default=0, help="stratified training subset (0: all)")
-    accuracy.add_argument("--test-limit", type=non_negative_int, default=0, help="stratified test subset (0: all)")
+    accuracy.add_argument("--train-limit", type=non_negative(int), default=0, help="stratified training subset (0: all)")
+    accuracy.add_argument("--test-limit", type=non_negative(int), default=0, help="stratified test subset (0: all)")
     accuracy.add_argument("--keep-models", type=Path, default=None,
                           help="a new folder to keep the seeds' models in (default: a temporary one)")
 
     serve = commands.add_parser("serve", help="`python -m pipeline serve` vs `mlflow models serve` of the champion")
-    serve.add_argument("--requests", type=positive_int, default=300,
+    serve.add_argument("--requests", type=positive(int), default=300,
                        help="timed one-image requests per server (default 300)")
-    serve.add_argument("--seconds", type=positive_float, default=15.0,
+    serve.add_argument("--seconds", type=positive(float), default=15.0,
                        help="seconds per throughput measurement (default 15)")
 
     for command in (train, pruning, workers, sprint, accuracy, serve):

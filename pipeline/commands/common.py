@@ -7,19 +7,27 @@ import argparse
 from pipeline.core.config import PARAMS_FILE
 
 
-def positive(kind: type = int):
-    """An argparse type: a number of `kind` above zero."""
+def bounded(kind: type, minimum: float, inclusive: bool):
+    """An argparse type: a number of `kind` at least (`inclusive`) or above `minimum`."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if value < minimum or (value == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"must be {'at least' if inclusive else 'above'} {minimum}, got {text}")
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its error
     return parse
+
+
+def positive(kind: type = int):
+    return bounded(kind, 0, inclusive=False)
+
+
+def non_negative(kind: type = int):
+    return bounded(kind, 0, inclusive=True)
 
 
 def address_options(default_port: int) -> argparse.ArgumentParser:
