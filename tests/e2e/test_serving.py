@@ -100,6 +100,27 @@ def test_invocations_return_ten_probabilities_per_image(served_champion, mnist_n
     assert (probabilities.argmax(axis=1) == labels).mean() > 0.5
 
 
+def test_the_readme_curl_example_runs_as_written(pipeline_served, tiny_project, mnist_npz):
+    """The README's request, copied from it: a real test digit (docs/sample_request.json) gets ten
+    probabilities."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    readme = (tiny_project / "README.md").read_text()
+    (command,) = re.findall(r"^curl -s localhost:5001/invocations .*$", readme, flags=re.MULTILINE)
+    command = command.replace("localhost:5001", pipeline_served.removeprefix("http://"))
+    result = subprocess.run(command, shell=True, cwd=tiny_project, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    probabilities = np.asarray(json.loads(result.stdout)["predictions"])
+    assert probabilities.shape == (1, 10)
+    sample = json.loads((tiny_project / "docs" / "sample_request.json").read_text())
+    with np.load(mnist_npz) as data:  # the sample is the first test digit, a 7
+        assert np.array_equal(np.asarray(sample["inputs"]).reshape(28, 28), data["x_test"][0]) and data["y_test"][0] == 7
+
+
 def test_instances_format_and_integers_are_accepted(served_champion):
     body = json.dumps({"instances": np.zeros((2, 28, 28, 1), dtype=int).tolist()}).encode()
     status, answer = post(f"{served_champion}/invocations", body)
