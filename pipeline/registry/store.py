@@ -213,8 +213,8 @@ def rollback_champion(mlflow_client, model_name: str, lock_url: str = "") -> tup
         return str(current.version), previous
 
 
-def test_accuracy_of(mlflow_client, model_name: str, champion, test_digest: str, score) -> float:
-    """The champion's test accuracy on the current test data: its tag if measured on the same
+def accuracy_on_test_data(mlflow_client, model_name: str, champion, test_digest: str, score) -> float:
+    """A version's test accuracy on the current test data (the candidate's or the champion's): its tag if measured on the same
     data, else re-scored with `score(model_uri)`."""
     tags = champion.tags or {}
     if tags.get("test_data_sha256") == test_digest and "test_accuracy" in tags:
@@ -252,7 +252,7 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
                 raise PipelineError(f"{model_name} has no version {version}; list them with "
                                     "`python -m pipeline registry`") from None
             raise store_failure(f"reading version {version}", error) from None
-        candidate_accuracy = test_accuracy_of(mlflow_client, model_name, candidate, test_digest, score)
+        candidate_accuracy = accuracy_on_test_data(mlflow_client, model_name, candidate, test_digest, score)
         champion = alias_version(mlflow_client, model_name, CHAMPION)
         for _ in range(MAX_DECISIONS):
             decision = decide_and_write(mlflow_client, model_name, str(version), candidate_accuracy, champion,
@@ -276,7 +276,7 @@ def decide_and_write(mlflow_client, model_name: str, version: str, candidate_acc
     if champion is not None and str(champion.version) == version:
         decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
     else:
-        rival = None if champion is None else test_accuracy_of(mlflow_client, model_name, champion, test_digest, score)
+        rival = None if champion is None else accuracy_on_test_data(mlflow_client, model_name, champion, test_digest, score)
         decision = decide_promotion(candidate_accuracy, rival, margin)
         if force and not decision.promote:
             decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
