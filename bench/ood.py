@@ -89,8 +89,9 @@ def fit(method: str, data: dict[str, np.ndarray], target: float) -> verdict.Verd
     negatives = tuple(np.concatenate([data[f"calibration/{kind}/{part}"] for kind in nondigits.KINDS])
                       for part in ("p", "f", "x"))
     return verdict.fit_verdict(method, data["val/p"], data["val/f"], data["val/x"], target,
-                               weights=data["weights"], bias=data["bias"], train_features=data["train/f"],
-                               train_labels=data["train/y"], negatives=negatives)
+                               weights=data["weights"], bias=data["bias"],
+                               train=(data["train/p"], data["train/f"], data["train/x"], data["train/y"]),
+                               negatives=negatives)
 
 
 def measure(state: verdict.VerdictState, data: dict[str, np.ndarray]) -> dict[str, object]:

@@ -10,7 +10,9 @@ output) and the 28x28 `pixels` the model saw. Scores (higher = more digit-like):
 - `mahalanobis`: minus the smallest squared Mahalanobis distance of the features to a class mean
   (class means and one shared covariance fitted on training digits);
 - `combined`: a logistic regression over standardised scores (energy, Mahalanobis, log-MSP and
-  ink statistics), fitted on validation digits against generated non-digits.
+  ink statistics), fitted on training digits against generated calibration non-digits;
+- `reject_head`: the same logistic regression over those scores plus the features themselves
+  (a post-hoc linear "not a digit" head; the network is not retrained).
 
 Every method has cheap input guards: the ink fraction and the ink's bounding box must fall in the
 range seen on validation digits, otherwise the score is -inf (blank, one pixel, full ink, noise).
@@ -28,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURE_LAYER = "dense"  # the champion's penultimate layer (128 ReLU units before `probabilities`)
-METHODS = ("msp", "max_logit", "energy", "mahalanobis", "combined")
+METHODS = ("msp", "max_logit", "energy", "mahalanobis", "combined", "reject_head")
 COMBINED_INPUTS = ("energy", "mahalanobis", "log_msp", "ink_fraction", "ink_mean", "box_height", "box_width")
 INK_LEVEL = 0  # a pixel above this counts as ink (MNIST background is exactly 0)
 
@@ -108,16 +110,19 @@ def raw_scores(state: VerdictState, probabilities: np.ndarray, features: np.ndar
         out["energy"] = logsumexp(logits)
     if features is not None and state.means.size:
         out["mahalanobis"] = mahalanobis(state, features)
+    if features is not None:
+        out["features"] = np.asarray(features, dtype=np.float64)
     return out
 
 
-def combined_inputs(scores: dict[str, np.ndarray]) -> np.ndarray:
-    return np.stack([scores[name] for name in COMBINED_INPUTS], axis=1)
+def combined_inputs(scores: dict[str, np.ndarray], method: str = "combined") -> np.ndarray:
+    inputs = np.stack([scores[name] for name in COMBINED_INPUTS], axis=1)
+    return np.c_[inputs, scores["features"]] if method == "reject_head" else inputs
 
 
 def method_score(state: VerdictState, scores: dict[str, np.ndarray]) -> np.ndarray:
-    if state.method == "combined":
-        z = (combined_inputs(scores) - state.centre) / state.scale
+    if state.method in ("combined", "reject_head"):
+        z = (combined_inputs(scores, state.method) - state.centre) / state.scale
         return z @ state.coef[:-1] + state.coef[-1]
     return scores[state.method]
 
@@ -176,13 +181,15 @@ def threshold_for(scores: np.ndarray, target_acceptance: float) -> float:
 
 def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.ndarray | None, val_pixels: np.ndarray,
                 target_acceptance: float = 0.995, *, weights: np.ndarray | None = None, bias: np.ndarray | None = None,
-                train_features: np.ndarray | None = None, train_labels: np.ndarray | None = None,
-                negatives: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> VerdictState:
+                train: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+                negatives: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                l2: float = 1e-3) -> VerdictState:
     """Fit a verdict. The guards and the threshold come from the validation digits alone.
 
-    `weights`, `bias`: the last Keras layer's kernel and bias (for max_logit, energy, combined);
-    `train_features`, `train_labels`: for the Mahalanobis statistics (mahalanobis, combined);
-    `negatives`: (probabilities, features, pixels) of calibration non-digits (combined only).
+    `weights`, `bias`: the last Keras layer's kernel (D, 10) and bias (max_logit, energy, combined, reject_head);
+    `train`: (probabilities, features, pixels, labels) of training digits: the Mahalanobis statistics
+    and the logistic regression's positives (mahalanobis, combined, reject_head);
+    `negatives`: (probabilities, features, pixels) of calibration non-digits (combined, reject_head).
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
@@ -192,18 +199,18 @@ def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.nda
     if weights is not None:
         state.weights = np.asarray(weights, dtype=np.float64)
         state.bias = np.asarray(bias, dtype=np.float64)
-    if train_features is not None:
-        state.means, state.precision = class_statistics(train_features, train_labels)
-    if method == "combined":
-        if negatives is None:
-            raise ValueError("the combined method needs calibration non-digits (negatives)")
-        positive = combined_inputs(raw_scores(state, val_probabilities, val_features, val_pixels))
-        negative_all = combined_inputs(raw_scores(state, *negatives))
-        negative = negative_all[guards_pass(state, negatives[2])]  # guards already reject the rest
+    if train is not None and method in ("mahalanobis", "combined", "reject_head"):
+        state.means, state.precision = class_statistics(train[1], train[3])
+    if method in ("combined", "reject_head"):
+        if negatives is None or train is None:
+            raise ValueError(f"the {method} method needs training digits and calibration non-digits")
+        positive = combined_inputs(raw_scores(state, *train[:3]), method)
+        negative = combined_inputs(raw_scores(state, *negatives), method)
+        negative = negative[guards_pass(state, negatives[2])]  # the guards already reject the rest
         state.centre = positive.mean(axis=0)
-        state.scale = positive.std(axis=0) + 1e-9
+        state.scale = positive.std(axis=0) + 1e-6
         inputs = (np.r_[positive, negative] - state.centre) / state.scale
-        state.coef = logistic_fit(inputs, np.r_[np.ones(len(positive)), np.zeros(len(negative))])
+        state.coef = logistic_fit(inputs, np.r_[np.ones(len(positive)), np.zeros(len(negative))], l2=l2)
     scores = digit_scores(state, val_probabilities, val_features, val_pixels)
     state.threshold = threshold_for(scores, target_acceptance)
     return state
