@@ -152,7 +152,8 @@ def doodle(rng: np.random.Generator, split: str) -> np.ndarray:
         turns = rng.uniform(2.0, 3.5)
         t = np.linspace(0, turns * 2 * np.pi, 200)
         rad = r * t / t[-1]
-        pts = np.c_[c + rad * np.cos(t + rng.uniform(0, 6.3)), c + rad * np.sin(t)]
+        t = t + rng.uniform(0, 2 * np.pi)
+        pts = np.c_[c + rad * np.cos(t), c + rad * np.sin(t) * rng.choice([-1.0, 1.0])]
         polyline(draw, pts, max(4, width - 3))
     elif family == "scribble":
         n = int(rng.integers(8, 16))
