@@ -2,7 +2,7 @@
 
     python bench/ood.py --model models/model.keras --data data/prepared --handwriting tests/handwriting
 
-Runs the model once (probabilities and the `verdict.FEATURE_LAYER` features) on: a training subset
+Runs the model once (probabilities and `verdict.feature_model`'s features) on: a training subset
 (Mahalanobis statistics), validation (guards, threshold, combined fit), test, the handwriting set
 and the generated non-digits of both splits. For each method it prints AUROC per kind (test digits
 = positive against that kind), the rejection rate per kind at the threshold chosen on validation
@@ -48,8 +48,7 @@ def collect(model_path: Path, data_dir: Path, handwriting_dir: Path, count: int,
     import keras
 
     model = keras.saving.load_model(model_path)
-    layer = model.get_layer(verdict.FEATURE_LAYER)
-    both = keras.Model(model.inputs, [model.output, layer.output])
+    both = verdict.feature_model(model)
     head = model.layers[-1]
     weights, bias = [np.asarray(w) for w in head.get_weights()]
     out: dict[str, np.ndarray] = {"weights": weights, "bias": bias}

@@ -1,16 +1,20 @@
 """The digit verdict: does a picture look like a digit the model knows? Pure numpy.
 
-Inputs per picture: the model's softmax `probabilities` (N, 10), its penultimate `features`
-(N, D: the output of the Keras layer `FEATURE_LAYER`, which the ONNX export must add as a second
-output) and the 28x28 `pixels` the model saw. Scores (higher = more digit-like):
+Inputs per picture: the model's softmax `probabilities` (N, 10), its `features` and the 28x28
+`pixels` the model saw. `features` (N, 128 + 96) is what `feature_model(model)` outputs beside the
+probabilities (and what the ONNX export must add as a second output): the penultimate layer
+`FEATURE_LAYER` (128), then the per-channel mean and standard deviation over the picture of each
+layer in `CONV_LAYERS` (16 + 16 + 32 + 32). Scores (higher = more digit-like):
 
 - `msp`: the maximum softmax probability;
 - `max_logit` / `energy`: the largest logit / logsumexp of the logits, the logits recomputed
   from the features with the last layer's weights (saved in the state);
 - `mahalanobis`: minus the smallest squared Mahalanobis distance of the features to a class mean
   (class means and one shared covariance fitted on training digits);
-- `combined`: a logistic regression over standardised scores (energy, Mahalanobis, log-MSP and
-  ink statistics), fitted on training digits against generated calibration non-digits;
+- `conv_mahalanobis`: the same on the convolutional channel statistics (a class-conditional
+  Gaussian on early-layer activations, after Lee et al. 2018);
+- `combined`: a logistic regression over standardised scores (energy, both Mahalanobis scores,
+  log-MSP and ink statistics), fitted on training digits against generated calibration non-digits;
 - `reject_head`: the same logistic regression over those scores plus the features themselves
   (a post-hoc linear "not a digit" head; the network is not retrained).
 
@@ -30,8 +34,10 @@ from pathlib import Path
 import numpy as np
 
 FEATURE_LAYER = "dense"  # the champion's penultimate layer (128 ReLU units before `probabilities`)
-METHODS = ("msp", "max_logit", "energy", "mahalanobis", "combined", "reject_head")
-COMBINED_INPUTS = ("energy", "mahalanobis", "log_msp", "ink_fraction", "ink_mean", "box_height", "box_width")
+CONV_LAYERS = ("block1_pool", "block2_conv1")  # channel means and std devs of these follow the dense features
+METHODS = ("msp", "max_logit", "energy", "mahalanobis", "conv_mahalanobis", "combined", "reject_head")
+COMBINED_INPUTS = ("energy", "mahalanobis", "conv_mahalanobis", "log_msp", "ink_fraction", "ink_mean",
+                   "box_height", "box_width")
 INK_LEVEL = 0  # a pixel above this counts as ink (MNIST background is exactly 0)
 
 
@@ -46,6 +52,8 @@ class VerdictState:
     bias: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (10,)
     means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # class means (10, D)
     precision: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # shared (D, D)
+    conv_means: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # class means (10, C)
+    conv_precision: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))  # shared (C, C)
     centre: np.ndarray = field(default_factory=lambda: np.zeros(0))  # combined: input means
     scale: np.ndarray = field(default_factory=lambda: np.zeros(0))  # combined: input std devs
     coef: np.ndarray = field(default_factory=lambda: np.zeros(0))  # combined: logistic weights (+1 bias)
@@ -85,12 +93,20 @@ def logsumexp(values: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(values - top[:, None]).sum(axis=1))
 
 
-def mahalanobis(state: VerdictState, features: np.ndarray) -> np.ndarray:
-    """Minus the smallest squared Mahalanobis distance to a class mean."""
+def split_features(features: np.ndarray, dense_width: int) -> tuple[np.ndarray, np.ndarray]:
     features = np.asarray(features, dtype=np.float64)
-    projected = features @ state.precision  # (N, D)
-    cross = projected @ state.means.T  # (N, 10)
-    mean_terms = np.einsum("cd,de,ce->c", state.means, state.precision, state.means)
+    return features[:, :dense_width], features[:, dense_width:]
+
+
+def mahalanobis(state: VerdictState, features: np.ndarray, means: np.ndarray | None = None,
+                precision: np.ndarray | None = None) -> np.ndarray:
+    """Minus the smallest squared Mahalanobis distance to a class mean (the dense features by default)."""
+    means = state.means if means is None else means
+    precision = state.precision if precision is None else precision
+    features = np.asarray(features, dtype=np.float64)[:, : means.shape[1]]
+    projected = features @ precision  # (N, D)
+    cross = projected @ means.T  # (N, 10)
+    mean_terms = np.einsum("cd,de,ce->c", means, precision, means)
     own = np.einsum("nd,nd->n", projected, features)
     distances = own[:, None] - 2.0 * cross + mean_terms[None, :]
     return -distances.min(axis=1)
@@ -104,14 +120,19 @@ def raw_scores(state: VerdictState, probabilities: np.ndarray, features: np.ndar
     stats = ink_stats(pixels)
     out = {"msp": msp, "log_msp": np.log(np.clip(msp, 1e-12, 1.0)) - np.log(np.clip(1.0 - msp, 1e-12, 1.0)),
            "ink_fraction": stats[:, 0], "box_height": stats[:, 1], "box_width": stats[:, 2], "ink_mean": stats[:, 3]}
+    dense = conv = None
+    if features is not None:
+        dense, conv = split_features(features, state.weights.shape[0] if state.weights.size else state.means.shape[1])
     if features is not None and state.weights.size:
-        logits = logits_of(state, features)
+        logits = logits_of(state, dense)
         out["max_logit"] = logits.max(axis=1)
         out["energy"] = logsumexp(logits)
     if features is not None and state.means.size:
-        out["mahalanobis"] = mahalanobis(state, features)
+        out["mahalanobis"] = mahalanobis(state, dense)
+    if features is not None and state.conv_means.size:
+        out["conv_mahalanobis"] = mahalanobis(state, conv, state.conv_means, state.conv_precision)
     if features is not None:
-        out["features"] = np.asarray(features, dtype=np.float64)
+        out["features"] = dense
     return out
 
 
@@ -137,6 +158,20 @@ def digit_scores(state: VerdictState, probabilities: np.ndarray, features: np.nd
 def is_digit(state: VerdictState, probabilities: np.ndarray, features: np.ndarray | None,
              pixels: np.ndarray) -> np.ndarray:
     return digit_scores(state, probabilities, features, pixels) >= state.threshold
+
+
+def feature_model(model):
+    """A Keras model of the same inputs with two outputs: (probabilities, features) in the layout
+    this module reads. Export this one to ONNX to serve the verdict (imports Keras lazily)."""
+    import keras
+
+    parts = [model.get_layer(FEATURE_LAYER).output]
+    for name in CONV_LAYERS:
+        activation = model.get_layer(name).output
+        mean = keras.ops.mean(activation, axis=(1, 2))
+        square = keras.ops.mean(keras.ops.square(activation), axis=(1, 2))
+        parts += [mean, keras.ops.sqrt(keras.ops.maximum(square - keras.ops.square(mean), 0.0))]
+    return keras.Model(model.inputs, [model.output, keras.ops.concatenate(parts, axis=1)], name="digit_verdict_features")
 
 
 # --- fitting --------------------------------------------------------------------------------
@@ -199,8 +234,12 @@ def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.nda
     if weights is not None:
         state.weights = np.asarray(weights, dtype=np.float64)
         state.bias = np.asarray(bias, dtype=np.float64)
-    if train is not None and method in ("mahalanobis", "combined", "reject_head"):
-        state.means, state.precision = class_statistics(train[1], train[3])
+    if train is not None and method in ("mahalanobis", "conv_mahalanobis", "combined", "reject_head"):
+        width = state.weights.shape[0] if state.weights.size else 128
+        dense, conv = split_features(train[1], width)
+        state.means, state.precision = class_statistics(dense, train[3])
+        if conv.shape[1]:
+            state.conv_means, state.conv_precision = class_statistics(conv, train[3])
     if method in ("combined", "reject_head"):
         if negatives is None or train is None:
             raise ValueError(f"the {method} method needs training digits and calibration non-digits")
@@ -218,7 +257,8 @@ def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.nda
 
 # --- saving ---------------------------------------------------------------------------------
 
-ARRAYS = ("guard_low", "guard_high", "weights", "bias", "means", "precision", "centre", "scale", "coef")
+ARRAYS = ("guard_low", "guard_high", "weights", "bias", "means", "precision", "conv_means", "conv_precision",
+          "centre", "scale", "coef")
 
 
 def save_state(state: VerdictState, path: str | Path) -> None:

@@ -9,6 +9,7 @@ import pytest
 from pipeline.core import verdict
 
 D = 16
+EXTRA = 8
 
 
 def fake_set(rng, count, digit=True):
@@ -17,6 +18,8 @@ def fake_set(rng, count, digit=True):
     centres = np.eye(10, D) * 6.0
     features = np.maximum(centres[labels] + rng.normal(0, 1.0, (count, D)), 0) if digit else \
         np.abs(rng.normal(1.0, 2.0, (count, D)))
+    extra = np.abs(rng.normal(1.0, 0.3, (count, EXTRA))) if digit else np.abs(rng.normal(2.0, 1.0, (count, EXTRA)))
+    features = np.c_[features, extra]  # dense features, then the conv channel statistics
     pixels = np.zeros((count, 28, 28), dtype=np.uint8)
     for i in range(count):
         h, w = rng.integers(10, 20, 2) if digit else rng.integers(5, 21, 2)
@@ -30,7 +33,7 @@ def model_parts():
     weights, bias = rng.normal(0, 0.5, (D, 10)) + np.eye(D, 10), np.zeros(10)
 
     def with_probs(features, pixels, labels=None):
-        logits = features @ weights + bias
+        logits = features[:, :D] @ weights + bias
         p = np.exp(logits - logits.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         return (p, features, pixels) + ((labels,) if labels is not None else ())
@@ -94,7 +97,7 @@ def test_guards_reject_blank_full_and_one_pixel(model_parts):
     pixels[2, 14, 14] = 255
     probs = np.full((3, 10), 0.0)
     probs[:, 3] = 1.0
-    features = np.zeros((3, D))
+    features = np.zeros((3, D + EXTRA))
     assert not verdict.is_digit(state, probs, features, pixels).any()
 
 
@@ -106,6 +109,6 @@ def test_combined_separates_the_synthetic_negatives(model_parts):
 
 def test_mahalanobis_matches_a_direct_computation(model_parts):
     state = fit(model_parts, "mahalanobis")
-    features = model_parts["test"][1][:5]
+    features = model_parts["test"][1][:5, :D]
     direct = [-min((f - m) @ state.precision @ (f - m) for m in state.means) for f in features]
     assert np.allclose(verdict.mahalanobis(state, features), direct)
