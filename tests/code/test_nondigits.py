@@ -62,3 +62,14 @@ def test_core_does_not_import_serving():
     names = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
     names += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
     assert not any(name.startswith("pipeline.serving") for name in names)
+
+
+def test_letters_need_only_pillows_own_font(monkeypatch, tmp_path):
+    monkeypatch.setattr(nondigits, "FONT_DIRS", (tmp_path,))
+    nondigits.font_paths.cache_clear()
+    try:
+        assert nondigits.font_paths("heldout") == ()
+        pictures = nondigits.generate("letters_symbols", 6, seed=0, split="heldout")
+        assert pictures.shape == (6, 28, 28) and all(picture.any() for picture in pictures)
+    finally:
+        nondigits.font_paths.cache_clear()
