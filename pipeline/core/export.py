@@ -67,28 +67,30 @@ def float32_clone(model):
 
 
 HEAD_LAYER = "probabilities"  # the softmax layer of a single model (and of each ensemble member)
-FEATURES_OUTPUT = "features"  # the ONNX file's second output: what the head layer reads
+
+
+def head_owner(model):
+    """The model whose softmax layer the digit verdict reads: `model` itself, or for an ensemble
+    (whose output layer averages its members) its first member."""
+    if model.get_layer(HEAD_LAYER).__class__.__name__ != "Average":
+        return model
+    return next(sub for sub in model.layers if hasattr(sub, "get_layer"))
 
 
 def classifier_head(model):
-    """The softmax layer whose input the digit verdict reads: the model's own, or for an ensemble
-    (whose output layer averages its members) the first member's."""
-    layer = model.get_layer(HEAD_LAYER)
-    if layer.__class__.__name__ != "Average":
-        return layer
-    first_member = next(sub for sub in model.layers if hasattr(sub, "get_layer"))
-    return first_member.get_layer(HEAD_LAYER)
+    """That softmax layer."""
+    return head_owner(model).get_layer(HEAD_LAYER)
 
 
 def with_features(model):
     """`model` with a second output: the features its (first member's) softmax layer reads."""
     import keras
 
-    head = classifier_head(model)
-    if head in model.layers:  # a single model: one graph computes both outputs
+    owner = head_owner(model)
+    head = owner.get_layer(HEAD_LAYER)
+    if owner is model:  # a single model: one graph computes both outputs
         return keras.Model(model.inputs, [model.outputs[0], head.input], name=model.name)
-    member = next(sub for sub in model.layers if head in getattr(sub, "layers", ()))
-    features = keras.Model(member.inputs, head.input, name=f"{member.name}_features")(model.inputs[0])
+    features = keras.Model(owner.inputs, head.input, name=f"{owner.name}_features")(model.inputs[0])
     return keras.Model(model.inputs, [model.outputs[0], features], name=model.name)
 
 

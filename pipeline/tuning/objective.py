@@ -14,10 +14,11 @@ import numpy as np
 from pipeline.core.config import Params, params_hash
 from pipeline.core.errors import PipelineError
 from pipeline.tuning.space import suggest
+from pipeline.tuning.study import OBJECTIVE
 
 log = logging.getLogger("pipeline.tuning")
 
-MONITOR = "val_accuracy"
+MONITOR = OBJECTIVE  # what Keras reports each epoch, and what the trial returns
 
 
 def require_metric_callback(monitor: str):
