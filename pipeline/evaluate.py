@@ -1,8 +1,11 @@
-"""Stage 5: score the trained model on the test split and the handwriting set, log both to its
-MLflow run, register it, and promote it to champion when it beats the current one.
+"""Stage 5: score the trained model on the test split and the handwriting set, fit its digit
+verdict ("is this a digit at all?") and measure it on generated non-digits, log all of it to its
+MLflow run, register the model with its verdict, and promote it to champion when it beats the
+current one.
 
-Writes the DVC metrics (`paths.metrics`, `paths.per_class`, `paths.handwriting`), the confusion
-rows for DVC's confusion template (`paths.confusion`) and the figures under `figures/`.
+Writes the DVC metrics (`paths.metrics`, `paths.per_class`, `paths.handwriting`, `paths.ood`), the
+verdict (`paths.verdict`), the confusion rows for DVC's confusion template (`paths.confusion`) and
+the figures under `figures/`.
 """
 
 from __future__ import annotations
@@ -51,13 +54,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlflow
 
-    from pipeline.core import evaluation, plots, tracking
+    from pipeline.core import evaluation, ood, plots, tracking
+    from pipeline.core.export import classifier_head
     from pipeline.registry.locks import require_promotion_lock
     from pipeline.registry.store import promote, register
     from pipeline.core.data import load_split, split_digest
     from pipeline.core.scoring import classification_metrics, load_keras_model, make_scorer, predict_probabilities
     from pipeline.serving.classifier import verify_logged_model
-    from pipeline.serving.handwriting import predict_folder, prediction_sheet, score
+    from pipeline.serving.handwriting import predict_folder, prediction_sheet, prepared_pixels, score
 
     paths = params.paths
     record = read_run_record(Path(paths.train_run))
@@ -72,23 +76,30 @@ def main(argv: list[str] | None = None) -> int:
     digest = split_digest(test)
     pictures = predict_folder(model, paths.handwriting_set)
     handwriting = score(pictures)
-    model_file_tags = verify_logged_model(record["model_uri"], test.x, probabilities)  # the served copy agrees
+    model_file_tags, served = verify_logged_model(record["model_uri"], test.x, probabilities)  # the served copy agrees
+    train = load_split(paths.train_split)
+    state, ood_report = ood.fit_and_report(served.outputs, classifier_head(model).get_weights(), params.evaluate,
+                                           params.seed, (train.x, train.y), load_split(paths.val_split).x, test.x,
+                                           prepared_pixels(paths.handwriting_set))
 
     plots.use_file_backend()
     with staged_outputs() as staging:
-        evaluation.write_metrics(staging.path, paths, test, probabilities, metrics, handwriting)
+        evaluation.write_metrics(staging.path, paths, test, probabilities, metrics, handwriting, ood_report)
+        verdict_tags = evaluation.save_verdict(staging.path(paths.verdict), state)
         evaluation.draw_figures(staging.path, paths, test, probabilities, metrics, history,
                                 prediction_sheet(pictures, paths.handwriting_set), params.evaluate.misclassified_shown)
         with mlflow.start_run(run_id=record["run_id"]):
-            evaluation.log_evaluation(staging.path, paths, test, metrics, handwriting)
+            evaluation.log_evaluation(staging.path, paths, test, metrics, handwriting, ood_report, verdict_tags)
             version_tags = evaluation.version_tags(metrics, handwriting["accuracy"], digest, len(test), record,
-                                                   model_file_tags, mlflow.get_run(record["run_id"]).data.tags)
+                                                   {**model_file_tags, **verdict_tags, **ood.version_tags(ood_report)},
+                                                   mlflow.get_run(record["run_id"]).data.tags)
             version = register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
-            decision = promote(params.tracking.registered_model, str(version.version),
-                                        params.promote.margin, digest, make_scorer(test, params.evaluate.batch_size),
-                                        lock_url=params.promote.lock)
+            decision = promote(params.tracking.registered_model, str(version.version), params.promote.margin, digest,
+                               make_scorer(test, params.evaluate.batch_size), lock_url=params.promote.lock,
+                               min_digit_acceptance=params.promote.min_digit_acceptance)
             evaluation.log_promotion(str(version.version), decision)
-    log.info("%s", evaluation.outcome(metrics, handwriting, params.tracking.registered_model, version.version, decision))
+    log.info("%s", evaluation.outcome(metrics, handwriting, ood_report, params.tracking.registered_model,
+                                      version.version, decision))
     return 0
 
 

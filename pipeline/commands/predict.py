@@ -28,6 +28,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def format_line(result: dict[str, Any]) -> str:
     if "error" in result:
         return f"{result['path']}: error: {result['error'].removeprefix(result['path'] + ': ')}"
+    if result.get("is_digit") is False:
+        return f"{result['path']}: not a digit (closest: {result['label']}, {result['confidence']:.2f})"
     return f"{result['path']}: {result['label']} ({result['confidence']:.3f})"
 
 

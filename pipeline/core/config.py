@@ -97,9 +97,18 @@ class TrainParams(KnownKeysOnly):
     members: PositiveInt  # >1: an ensemble of this many seeds (seed, seed+1, ...) saved as one averaging model
 
 
+Fraction = Annotated[float, Field(gt=0.0, le=1.0)]
+VERDICT_METHODS = ("msp", "max_logit", "energy", "mahalanobis", "conv_mahalanobis", "combined", "reject_head")  # core.verdict
+
+
 class EvaluateParams(KnownKeysOnly):
     batch_size: PositiveInt
     misclassified_shown: Annotated[int, Field(ge=0, le=100)]
+    # the digit verdict ("is this a digit at all?"), fitted here and registered with the version
+    digit_verdict: Literal[VERDICT_METHODS]
+    digit_acceptance: Fraction  # share of validation digits it accepts: sets its threshold
+    nondigits_per_kind: Annotated[int, Field(ge=10)]  # generated non-digits per kind and split
+    verdict_train_images: Annotated[int, Field(ge=100)]  # training digits for its class statistics
 
 
 LOCK_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://")
@@ -107,6 +116,7 @@ LOCK_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://", "p
 
 class PromoteParams(KnownKeysOnly):
     margin: Annotated[float, Field(ge=0.0, le=1.0)]
+    min_digit_acceptance: Annotated[float, Field(ge=0.0, le=1.0)]  # a candidate accepting fewer test digits is refused
     # the promotion lock every machine shares: a PostgreSQL URL; empty: a file lock (the embedded store only)
     lock: str
 
@@ -221,6 +231,8 @@ class PathsParams(KnownKeysOnly):
     handwriting_set: str
     handwriting: str
     handwriting_figure: str
+    verdict: str
+    ood: str
 
     INPUTS: ClassVar[frozenset[str]] = frozenset({"handwriting_set"})  # only read; every other path is some stage's output
 

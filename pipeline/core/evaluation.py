@@ -31,12 +31,14 @@ def handwriting_summary(score: dict) -> dict:
     return {key: score[key] for key in ("accuracy", "count", "by_polarity", "by_label")}
 
 
-def write_metrics(place: Place, paths, test: Split, probabilities: np.ndarray, metrics: dict, handwriting: dict) -> None:
-    """The DVC metrics (`paths.metrics`, `paths.per_class`, `paths.handwriting`) and confusion rows."""
+def write_metrics(place: Place, paths, test: Split, probabilities: np.ndarray, metrics: dict, handwriting: dict,
+                  ood_report: dict) -> None:
+    """The DVC metrics (`paths.metrics`, `paths.per_class`, `paths.handwriting`, `paths.ood`) and confusion rows."""
     summary = {k: v for k, v in metrics.items() if k != "per_class"}
     place(paths.metrics).write_text(json.dumps({"test": summary, "test_images": len(test)}, indent=2))
     place(paths.per_class).write_text(json.dumps(metrics["per_class"], indent=2))
     place(paths.handwriting).write_text(json.dumps(handwriting_summary(handwriting), indent=2))
+    place(paths.ood).write_text(json.dumps(ood_report, indent=2))
     write_confusion_rows(test.y, probabilities.argmax(axis=1), place(paths.confusion))
 
 
@@ -57,9 +59,28 @@ def draw_figures(place: Place, paths, test: Split, probabilities: np.ndarray, me
     plots.save(handwriting_sheet, place(paths.handwriting_figure))
 
 
-def log_evaluation(place: Place, paths, test: Split, metrics: dict, handwriting: dict) -> None:
-    """Into the reopened training run: scores, the test split, the per-class table, figures and metric files."""
+VERDICT_ARTIFACTS = "digit_verdict"  # run artifact folder: <sha256 prefix>/<verdict file>, one per fitted verdict
+
+
+def save_verdict(path: Path, state) -> dict[str, str]:
+    """Write the fitted verdict; returns the version tags that name its run artifact and sha256."""
+    from pipeline.core.hashing import sha256_file
+    from pipeline.core.verdict import VERDICT_TAGS, save_state
+
+    with path.open("wb") as stream:  # np.savez would add .npz to a name without it
+        save_state(state, stream)
+    digest = sha256_file(path)
+    return {VERDICT_TAGS["sha256"]: digest, VERDICT_TAGS["file"]: f"{VERDICT_ARTIFACTS}/{digest[:16]}/{path.name}"}
+
+
+def log_evaluation(place: Place, paths, test: Split, metrics: dict, handwriting: dict, ood_report: dict,
+                   verdict_tags: dict[str, str]) -> None:
+    """Into the reopened training run: scores, the test split, the per-class table, figures, metric
+    files, and the digit verdict's figures and file (where `verdict_tags` says)."""
     import mlflow
+
+    from pipeline.core.ood import run_metrics
+    from pipeline.core.verdict import VERDICT_TAGS
 
     mlflow.set_tag(tracking.OWNER_TAG, tracking.process_owner())  # reopened: this process owns it now
     mlflow.log_metrics({**flat_metrics(metrics), "handwriting_accuracy": handwriting["accuracy"]})
@@ -69,8 +90,10 @@ def log_evaluation(place: Place, paths, test: Split, metrics: dict, handwriting:
     for key in FIGURES:
         mlflow.log_artifact(str(place(getattr(paths, key))), "figures")
     mlflow.log_dict(handwriting, "metrics/handwriting_full.json")  # by picture source, and every mistake
-    for key in ("metrics", "handwriting"):  # per-class scores: the per_class.json table above
+    for key in ("metrics", "handwriting", "ood"):  # per-class scores: the per_class.json table above
         mlflow.log_artifact(str(place(getattr(paths, key))), "metrics")
+    mlflow.log_metrics(run_metrics(ood_report))
+    mlflow.log_artifact(str(place(paths.verdict)), str(Path(verdict_tags[VERDICT_TAGS["file"]]).parent))
 
 
 def version_tags(metrics: dict, handwriting_accuracy: float, test_digest: str, test_images: int, train_record: dict,
@@ -95,7 +118,9 @@ def log_promotion(version: str, decision) -> None:
     mlflow.set_tags({"registered_version": version, "promotion": decision.status})
 
 
-def outcome(metrics: dict, handwriting: dict, model_name: str, version: str, decision) -> str:
+def outcome(metrics: dict, handwriting: dict, ood_report: dict, model_name: str, version: str, decision) -> str:
     """One log line on the scores and what the registry decided."""
     return (f"test accuracy {metrics['accuracy']:.4f} ({metrics['errors']} errors), macro F1 {metrics['macro_f1']:.4f}, "
-            f"handwriting {handwriting['accuracy']:.4f}; {model_name} v{version} {decision.status}: {decision.reason}")
+            f"handwriting {handwriting['accuracy']:.4f}; digit check accepts {ood_report['accepted']['test_digits']:.4f} "
+            f"of test digits, rejects {ood_report['rejected_heldout']:.4f} of unseen non-digits; "
+            f"{model_name} v{version} {decision.status}: {decision.reason}")

@@ -82,15 +82,33 @@ def classifier_head(model):
     return head_owner(model).get_layer(HEAD_LAYER)
 
 
+STATISTICS_LAYERS = ("block1_pool", "block2_conv1")  # early layers whose channel statistics join the features
+
+
+def feature_output(owner):
+    """The features the digit verdict reads, for a model of `core.model`'s shape: the input of its
+    softmax layer (D numbers), then the per-channel mean and standard deviation over the picture of
+    each of `STATISTICS_LAYERS` that the model has (C numbers)."""
+    import keras
+
+    parts = [owner.get_layer(HEAD_LAYER).input]
+    names = {layer.name for layer in owner.layers}
+    for name in (name for name in STATISTICS_LAYERS if name in names):
+        activation = owner.get_layer(name).output
+        mean = keras.ops.mean(activation, axis=(1, 2))
+        square = keras.ops.mean(keras.ops.square(activation), axis=(1, 2))
+        parts += [mean, keras.ops.sqrt(keras.ops.maximum(square - keras.ops.square(mean), 0.0))]
+    return parts[0] if len(parts) == 1 else keras.ops.concatenate(parts, axis=1)
+
+
 def with_features(model):
-    """`model` with a second output: the features its (first member's) softmax layer reads."""
+    """`model` with a second output: `feature_output` of its (first member's) network."""
     import keras
 
     owner = head_owner(model)
-    head = owner.get_layer(HEAD_LAYER)
     if owner is model:  # a single model: one graph computes both outputs
-        return keras.Model(model.inputs, [model.outputs[0], head.input], name=model.name)
-    features = keras.Model(owner.inputs, head.input, name=f"{owner.name}_features")(model.inputs[0])
+        return keras.Model(model.inputs, [model.outputs[0], feature_output(model)], name=model.name)
+    features = keras.Model(owner.inputs, feature_output(owner), name=f"{owner.name}_features")(model.inputs[0])
     return keras.Model(model.inputs, [model.outputs[0], features], name=model.name)
 
 

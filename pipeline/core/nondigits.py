@@ -26,9 +26,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from pipeline.core.data import IMAGE_SIDE
+
 KINDS = ("letters_symbols", "doodles", "noise_blank", "clothing")
 SPLITS = ("calibration", "heldout")
-SIDE, BOX, WORK = 28, 20, 112  # MNIST frame, MNIST's digit box, drawing canvas
+SIDE, BOX, WORK = IMAGE_SIDE, 20, 112  # MNIST frame, MNIST's digit box, drawing canvas
 
 # Letters and symbols that no digit shares (no O o l I i S s Z z B b g q D G J L); the splits do not
 # share a character.

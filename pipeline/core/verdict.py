@@ -1,10 +1,9 @@
 """The digit verdict: does a picture look like a digit the model knows? Pure numpy.
 
 Inputs per picture: the model's softmax `probabilities` (N, 10), its `features` and the 28x28
-`pixels` the model saw. `features` (N, 128 + 96) is what `feature_model(model)` outputs beside the
-probabilities (and what the ONNX export must add as a second output): the penultimate layer
-`FEATURE_LAYER` (128), then the per-channel mean and standard deviation over the picture of each
-layer in `CONV_LAYERS` (16 + 16 + 32 + 32). Scores (higher = more digit-like):
+`pixels` the model saw. `features` (N, D + C) is the ONNX model's second output
+(`core.export.feature_output`): the D numbers the softmax layer reads, then C per-channel means and
+standard deviations of early layers (for the `fast` preset 128 + 96). Scores (higher = more digit-like):
 
 - `msp`: the maximum softmax probability;
 - `max_logit` / `energy`: the largest logit / logsumexp of the logits, the logits recomputed
@@ -28,16 +27,23 @@ trip) and applies with numpy alone.
 
 from __future__ import annotations
 
+import io
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-FEATURE_LAYER = "dense"  # the champion's penultimate layer (128 ReLU units before `probabilities`)
-CONV_LAYERS = ("block1_pool", "block2_conv1")  # channel means and std devs of these follow the dense features
-METHODS = ("msp", "max_logit", "energy", "mahalanobis", "conv_mahalanobis", "combined", "reject_head")
+from pipeline.core.config import VERDICT_METHODS as METHODS
+from pipeline.core.data import IMAGE_SIDE
+
 COMBINED_INPUTS = ("energy", "mahalanobis", "conv_mahalanobis", "log_msp", "ink_fraction", "ink_mean",
                    "box_height", "box_width")
+# a registered version's tags: its verdict file (a run artifact) and that file's sha256, which every
+# loader checks; and the share of test digits the verdict accepts and of unseen non-digits it rejects
+VERDICT_TAGS = {"sha256": "digit_verdict_sha256", "file": "digit_verdict_file"}
+ACCEPTANCE_TAG, REJECTION_TAG = "digit_acceptance", "nondigits_rejected"
 INK_LEVEL = 0  # a pixel above this counts as ink (MNIST background is exactly 0)
 
 
@@ -63,7 +69,7 @@ class VerdictState:
 
 def ink_stats(pixels: np.ndarray) -> np.ndarray:
     """(N, 4): ink fraction, bounding-box height and width (pixels), mean ink level (0-1)."""
-    pixels = np.asarray(pixels, dtype=np.float32).reshape(len(pixels), 28, 28)
+    pixels = np.asarray(pixels, dtype=np.float32).reshape(len(pixels), IMAGE_SIDE, IMAGE_SIDE)
     ink = pixels > INK_LEVEL
     count = ink.sum(axis=(1, 2))
     rows, cols = ink.any(axis=2), ink.any(axis=1)
@@ -74,7 +80,7 @@ def ink_stats(pixels: np.ndarray) -> np.ndarray:
         return np.where(mask.any(axis=1), last - first + 1, 0)
 
     mean = np.where(count > 0, pixels.sum(axis=(1, 2)) / np.maximum(count, 1) / 255.0, 0.0)
-    return np.stack([count / 784.0, extent(rows), extent(cols), mean], axis=1).astype(np.float64)
+    return np.stack([count / IMAGE_SIDE**2, extent(rows), extent(cols), mean], axis=1).astype(np.float64)
 
 
 def guards_pass(state: VerdictState, pixels: np.ndarray) -> np.ndarray:
@@ -160,18 +166,9 @@ def is_digit(state: VerdictState, probabilities: np.ndarray, features: np.ndarra
     return digit_scores(state, probabilities, features, pixels) >= state.threshold
 
 
-def feature_model(model):
-    """A Keras model of the same inputs with two outputs: (probabilities, features) in the layout
-    this module reads. Export this one to ONNX to serve the verdict (imports Keras lazily)."""
-    import keras
-
-    parts = [model.get_layer(FEATURE_LAYER).output]
-    for name in CONV_LAYERS:
-        activation = model.get_layer(name).output
-        mean = keras.ops.mean(activation, axis=(1, 2))
-        square = keras.ops.mean(keras.ops.square(activation), axis=(1, 2))
-        parts += [mean, keras.ops.sqrt(keras.ops.maximum(square - keras.ops.square(mean), 0.0))]
-    return keras.Model(model.inputs, [model.output, keras.ops.concatenate(parts, axis=1)], name="digit_verdict_features")
+def feature_width(state: VerdictState) -> int:
+    """How many features the state reads: the softmax layer's inputs, then the channel statistics."""
+    return state.weights.shape[0] + (state.conv_means.shape[1] if state.conv_means.size else 0)
 
 
 # --- fitting --------------------------------------------------------------------------------
@@ -215,13 +212,13 @@ def threshold_for(scores: np.ndarray, target_acceptance: float) -> float:
 
 
 def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.ndarray | None, val_pixels: np.ndarray,
-                target_acceptance: float = 0.995, *, weights: np.ndarray | None = None, bias: np.ndarray | None = None,
+                target_acceptance: float = 0.995, *, weights: np.ndarray, bias: np.ndarray,
                 train: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
                 negatives: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                 l2: float = 1e-3) -> VerdictState:
     """Fit a verdict. The guards and the threshold come from the validation digits alone.
 
-    `weights`, `bias`: the last Keras layer's kernel (D, 10) and bias (max_logit, energy, combined, reject_head);
+    `weights`, `bias`: the softmax layer's kernel (D, 10) and bias (they also say how many features are dense);
     `train`: (probabilities, features, pixels, labels) of training digits: the Mahalanobis statistics
     and the logistic regression's positives (mahalanobis, combined, reject_head);
     `negatives`: (probabilities, features, pixels) of calibration non-digits (combined, reject_head).
@@ -230,13 +227,10 @@ def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.nda
         raise ValueError(f"method {method!r} is not one of {METHODS}")
     stats = ink_stats(val_pixels)[:, :3]
     state = VerdictState(method=method, threshold=0.0, target_acceptance=float(target_acceptance),
-                         guard_low=stats.min(axis=0), guard_high=stats.max(axis=0))
-    if weights is not None:
-        state.weights = np.asarray(weights, dtype=np.float64)
-        state.bias = np.asarray(bias, dtype=np.float64)
+                         guard_low=stats.min(axis=0), guard_high=stats.max(axis=0),
+                         weights=np.asarray(weights, dtype=np.float64), bias=np.asarray(bias, dtype=np.float64))
     if train is not None and method in ("mahalanobis", "conv_mahalanobis", "combined", "reject_head"):
-        width = state.weights.shape[0] if state.weights.size else 128
-        dense, conv = split_features(train[1], width)
+        dense, conv = split_features(train[1], state.weights.shape[0])
         state.means, state.precision = class_statistics(dense, train[3])
         if conv.shape[1]:
             state.conv_means, state.conv_precision = class_statistics(conv, train[3])
@@ -261,11 +255,18 @@ ARRAYS = ("guard_low", "guard_high", "weights", "bias", "means", "precision", "c
           "centre", "scale", "coef")
 
 
-def save_state(state: VerdictState, path: str | Path) -> None:
-    """A .npz with every array, plus method, threshold and target as 0-d arrays (exact float64)."""
-    np.savez(path, method=np.array(state.method), threshold=np.array(state.threshold, dtype=np.float64),
-             target_acceptance=np.array(state.target_acceptance, dtype=np.float64),
-             **{name: np.asarray(getattr(state, name), dtype=np.float64) for name in ARRAYS})
+def save_state(state: VerdictState, target: str | Path | BinaryIO) -> None:
+    """A .npz with every array, plus method, threshold and target as 0-d arrays (exact float64).
+    Byte-for-byte the same for the same state: every member has a fixed date (np.savez stamps the
+    current time)."""
+    arrays = {"method": np.array(state.method), "threshold": np.array(state.threshold, dtype=np.float64),
+              "target_acceptance": np.array(state.target_acceptance, dtype=np.float64),
+              **{name: np.asarray(getattr(state, name), dtype=np.float64) for name in ARRAYS}}
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            member = io.BytesIO()
+            np.lib.format.write_array(member, array, allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
 
 
 def load_state(path: str | Path) -> VerdictState:

@@ -12,6 +12,7 @@ import logging
 
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.tracking import configure_tracking, registry_uri, store_unreachable
+from pipeline.core.verdict import ACCEPTANCE_TAG, REJECTION_TAG
 from pipeline.registry.decision import Decision, decide_promotion
 from pipeline.registry.locks import promotion_lock
 
@@ -231,8 +232,9 @@ MAX_DECISIONS = 3  # a champion that changes under us this often means a promote
 
 
 def promote(model_name: str, version: str, margin: float, test_digest: str, score, force: bool = False,
-            lock_url: str = "") -> Decision:
-    """Make `version` the challenger, then champion if it beats the champion by `margin` (or `force`).
+            lock_url: str = "", min_digit_acceptance: float = 0.0) -> Decision:
+    """Make `version` the challenger, then champion if it beats the champion by `margin` (or `force`),
+    unless its digit verdict accepts fewer test digits than `min_digit_acceptance`.
 
     The decision and the metrics compared are written to the version's tags. Under the lock
     (`promotion_lock`) the champion is re-read, so racing promotions each compare against the real
@@ -255,8 +257,8 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
         candidate_accuracy = accuracy_on_test_data(mlflow_client, model_name, candidate, test_digest, score)
         champion = alias_version(mlflow_client, model_name, CHAMPION)
         for _ in range(MAX_DECISIONS):
-            decision = decide_and_write(mlflow_client, model_name, str(version), candidate_accuracy, champion,
-                                        margin, test_digest, score, force)
+            decision = decide_and_write(mlflow_client, model_name, candidate, candidate_accuracy, champion,
+                                        margin, test_digest, score, force, min_digit_acceptance)
             expected = str(version) if decision.promote else None if champion is None else str(champion.version)
             now = champion_after_write(mlflow_client, model_name)
             if now is None or now == (expected or "none"):
@@ -270,17 +272,27 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
     return decision
 
 
-def decide_and_write(mlflow_client, model_name: str, version: str, candidate_accuracy: float, champion, margin: float,
-                     test_digest: str, score, force: bool) -> Decision:
-    """Decide `version` against `champion` (None: there is none), record the decision, write the aliases."""
+def verdict_figures(version, role: str) -> dict[str, str]:
+    """The digit verdict's figures of a version, as decision tags `compared_<role>_<figure>`."""
+    tags = {} if version is None else version.tags or {}
+    return {f"compared_{role}_{tag}": tags.get(tag, "none") for tag in (ACCEPTANCE_TAG, REJECTION_TAG)}
+
+
+def decide_and_write(mlflow_client, model_name: str, candidate, candidate_accuracy: float, champion, margin: float,
+                     test_digest: str, score, force: bool, min_digit_acceptance: float = 0.0) -> Decision:
+    """Decide `candidate` against `champion` (None: there is none), record the decision, write the aliases."""
+    version = str(candidate.version)
     if champion is not None and str(champion.version) == version:
         decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
     else:
         rival = None if champion is None else accuracy_on_test_data(mlflow_client, model_name, champion, test_digest, score)
-        decision = decide_promotion(candidate_accuracy, rival, margin)
+        acceptance = (candidate.tags or {}).get(ACCEPTANCE_TAG)
+        decision = decide_promotion(candidate_accuracy, rival, margin, None if acceptance is None else float(acceptance),
+                                    min_digit_acceptance)
         if force and not decision.promote:
             decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
-    extra = {"compared_champion_version": "none" if champion is None else str(champion.version)}
+    extra = {"compared_champion_version": "none" if champion is None else str(champion.version),
+             **verdict_figures(candidate, "candidate"), **verdict_figures(champion, "champion")}
     aliases, history = champion_writes(mlflow_client, model_name, version) if decision.promote else ({}, None)
     with registry_calls("recording the decision"):
         record_decision(mlflow_client, model_name, version, decision, extra)
@@ -332,6 +344,8 @@ def version_rows(model_name: str) -> list[dict[str, str]]:
             "status": tags.get("validation_status", "-"),
             "test_accuracy": tags.get("test_accuracy", "-"),
             "test_macro_f1": tags.get("test_macro_f1", "-"),
+            "digits_accepted": tags.get(ACCEPTANCE_TAG, "-"),
+            "nondigits_rejected": tags.get(REJECTION_TAG, "-"),
             "preset": tags.get("preset", "-"),
             "dvc_exp": tags.get("dvc_exp_name", "-"),
             "run_id": (version.run_id or "-")[:12],

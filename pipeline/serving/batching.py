@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
-Predict = Callable[[np.ndarray], np.ndarray]
+Predict = Callable[[np.ndarray], Any]  # returns rows the batcher slices per request: an array, or served.Answers
 
 
 class MicroBatcher:

@@ -3,7 +3,8 @@
 A request is what `mlflow models serve` takes for a tensor model: a JSON object with `inputs`
 (or `instances`), holding images as nested lists, or `{"pixels": ...}` by input name. Each image
 is 28x28 (optionally x1) raw pixels: finite numbers from 0 to 255. Anything else is a `BadRequest`
-whose message names the problem and never quotes the body.
+whose message names the problem and never quotes the body. MLflow's `params` object may hold
+`"digit_verdict": false`, which leaves the `is_digit` key out of the answer.
 """
 
 from __future__ import annotations
@@ -92,11 +93,27 @@ def as_images(value: Any, max_images: int) -> np.ndarray:
     return pixels.reshape(-1, *INPUT_SHAPE)
 
 
-def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> np.ndarray:
-    """Validated images of an /invocations request body."""
+VERDICT_PARAM = "digit_verdict"  # in `params`: false leaves `is_digit` out of the answer
+
+
+def wants_verdict(payload: dict) -> bool:
+    """Whether the answer carries `is_digit` (MLflow's `params` object may say `"digit_verdict": false`)."""
+    options = payload.get("params", {})
+    if not isinstance(options, dict):
+        raise BadRequest('"params" must be a JSON object, such as {"digit_verdict": false}')
+    choice = options.get(VERDICT_PARAM, True)
+    if not isinstance(choice, bool):
+        raise BadRequest(f'params.{VERDICT_PARAM} must be true or false')
+    return choice
+
+
+def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> tuple[np.ndarray, bool]:
+    """Validated images of an /invocations request body, and whether its answer carries `is_digit`."""
     media_type = (content_type or "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise BadRequest(f"content type {media_type or 'none'!r} is not supported; send "
                          "Content-Type: application/json", status=415)
-    return as_images(images_field(read_json(body)), max_images)
+    payload = read_json(body)
+    images = as_images(images_field(payload), max_images)
+    return images, wants_verdict(payload)
 

@@ -13,9 +13,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
+from pipeline.core.data import IMAGE_SIDE
 from pipeline.core.errors import PipelineError
+from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.predict import predict_files
 
 LABELS_FILE = "labels.csv"
@@ -38,6 +41,20 @@ def accuracy_by(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
         totals[str(row[key])] += 1
         right[str(row[key])] += int(row["correct"])
     return {group: right[group] / totals[group] for group in sorted(totals)}
+
+
+def prepared_pixels(folder: str | Path) -> tuple[np.ndarray, int]:
+    """The set's pictures as the serving path prepares them (n, 28, 28), and how many there are in
+    all (a picture that cannot be prepared is left out of the first, counted in the second)."""
+    folder = Path(folder)
+    labels = read_labels(folder)
+    pixels = []
+    for row in labels:
+        try:
+            pixels.append(prepare_image(read_image(folder / row["file"])))
+        except ImageError:
+            pass
+    return (np.stack(pixels) if pixels else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE), np.float32)), len(labels)
 
 
 def predict_folder(model: Any, folder: str | Path) -> list[dict[str, Any]]:

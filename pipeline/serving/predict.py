@@ -11,26 +11,24 @@ import numpy as np
 from PIL import Image
 
 from pipeline.core.data import IMAGE_SIDE
-from pipeline.serving.classifier import as_classifier
 from pipeline.serving.images import ImageError, prepare_image, read_image
+from pipeline.serving.served import Answers, as_served
 
 log = logging.getLogger(__name__)
 
 # --- model ---------------------------------------------------------------------------------
 
 
-def probabilities(model: Any, pixels: np.ndarray) -> np.ndarray:
-    """Softmax outputs (N, 10) for prepared pixels (N, 28, 28): a served classifier or a Keras model."""
-    return as_classifier(model).probabilities(pixels)
-
-
-def describe(probs: np.ndarray) -> dict[str, Any]:
-    """The answer for one image: label, its confidence, and all ten probabilities."""
+def describe(answers: Answers, index: int) -> dict[str, Any]:
+    """The answer for one image: label, its confidence, all ten probabilities, and where the model
+    has a digit verdict, `is_digit` and `digit_score` (null: the picture failed the ink checks)."""
+    probs = answers.probabilities[index]
     label = int(np.argmax(probs))
     return {
         "label": label,
         "confidence": round(float(probs[label]), 6),
         "probabilities": [round(float(p), 6) for p in probs],
+        **answers.verdict_fields(index),
     }
 
 
@@ -45,13 +43,15 @@ def predict_images(model: Any, images: Sequence[Image.Image]) -> list[dict[str, 
             ready.append(index)
         except ImageError as error:
             results[index] = {"error": str(error)}
-    for index, probs in zip(ready, probabilities(model, np.stack(pixels) if pixels else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE)))):
-        results[index] = describe(probs)
+    answers = as_served(model).answer(np.stack(pixels) if pixels else np.zeros((0, IMAGE_SIDE, IMAGE_SIDE)))
+    for row, index in enumerate(ready):
+        results[index] = describe(answers, row)
     return results
 
 
 def predict_files(model: Any, paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """One entry per path, in order: {path, label, confidence, probabilities} or {path, error}."""
+    """One entry per path, in order: {path, label, confidence, probabilities[, is_digit, digit_score]}
+    or {path, error}."""
     paths = [str(path) for path in paths]
     images: list[Image.Image] = []
     readable: list[int] = []

@@ -6,6 +6,8 @@
 Clients of `mlflow models serve` work unchanged: POST /invocations with `inputs` or `instances`
 answers {"predictions": [[10 probabilities], ...]}; GET /ping, /health and /version answer as there.
 What differs:
+- a version registered with its digit verdict also answers "is_digit": [true|false, ...], one per
+  image (`"params": {"digit_verdict": false}` in the request leaves it out);
 - the registered version's ONNX file runs on ONNX Runtime after its sha256 is checked
   (`classifier.load_classifier`), with concurrent requests micro-batched (`batching`);
 - the input contract (`contract`) is checked before the model runs: bad input gets a 4xx JSON
@@ -159,9 +161,10 @@ def mlflow_version() -> str:
     return version("mlflow")
 
 
-def build_app(classifier: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
+def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
               max_concurrent: int = DEFAULT_MAX_CONCURRENT, timeout_s: float = DEFAULT_TIMEOUT_S) -> ASGIApp:
-    """The scoring app: MLflow's routes over `classifier.probabilities`, micro-batched, with limits."""
+    """The scoring app: MLflow's routes over `model.answer` (a `served.ServedModel`), micro-batched,
+    with limits."""
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -173,15 +176,18 @@ def build_app(classifier: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMA
     from pipeline.serving.batching import MicroBatcher
     from pipeline.serving.contract import BadRequest, parse_invocation
 
-    batcher = MicroBatcher(classifier.probabilities, max_images)
+    batcher = MicroBatcher(model.answer, max_images)
 
     def error(status: int, error_code: str, message: str) -> Response:
         return Response(error_body(error_code, message), status_code=status, media_type="application/json")
 
     async def predict(request: Request) -> Response:
-        images = parse_invocation(await request.body(), request.headers.get("content-type"), max_images)
-        probabilities = await batcher(images)
-        return Response(json.dumps({"predictions": probabilities.tolist()}), media_type="application/json")
+        images, with_verdict = parse_invocation(await request.body(), request.headers.get("content-type"), max_images)
+        answers = await batcher(images)
+        body = {"predictions": answers.probabilities.tolist()}
+        if with_verdict and answers.is_digit is not None:
+            body["is_digit"] = answers.is_digit.tolist()
+        return Response(json.dumps(body), media_type="application/json")
 
     async def invocations(request: Request) -> Response:
         try:

@@ -3,7 +3,8 @@
     python -m pipeline web [--host 127.0.0.1] [--port 5005] [--model URI]
 
 POST /api/predict takes a multipart upload (field `image`) or JSON
-{"image": "data:image/png;base64,..."} and answers {label, confidence, probabilities};
+{"image": "data:image/png;base64,..."} and answers {label, confidence, probabilities, is_digit,
+digit_score} (the last two only for a model registered with its digit verdict);
 problems are answered as JSON {"error": "..."} with status 400, 413 or 503. The page runs on
 waitress (a production WSGI server); at most MAX_DECODES pictures are decoded at once (503 beyond),
 and pictures over images.MAX_PIXELS are refused before they are decoded.
@@ -27,7 +28,8 @@ from pipeline.core.errors import PipelineError, redact
 from pipeline.registry.store import champion_uri
 from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.classifier import load_classifier
-from pipeline.serving.predict import describe, probabilities
+from pipeline.serving.predict import describe
+from pipeline.serving.served import NO_VERDICT_NOTE, Answers
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +67,10 @@ class LazyModel:
                 self._model = load_classifier(self.uri)
             return self._model
 
-    def predict(self, pixels: Any) -> Any:
+    def predict(self, pixels: Any) -> Answers:
         model = self.get()
         with self._lock:  # Keras models are not documented as safe for concurrent calls
-            return probabilities(model, pixels)
+            return model.answer(pixels)
 
 
 def decode_data_url(value: Any) -> bytes:
@@ -147,7 +149,10 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         finally:
             decode_slots.release()
         model: LazyModel = app.extensions["mnist_model"]
-        return jsonify(describe(model.predict(pixels[None])[0]))
+        answer = describe(model.predict(pixels[None]), 0)
+        if "is_digit" not in answer:
+            answer["digit_check"] = NO_VERDICT_NOTE
+        return jsonify(answer)
 
     @app.errorhandler(BadUpload)
     def bad_upload(error: BadUpload) -> Any:

@@ -26,10 +26,16 @@ def test_onnx_copy_outputs_the_probabilities_and_the_features_the_head_reads(tmp
     pixels = np.random.default_rng(0).integers(0, 256, (6, 28, 28, 1)).astype(np.float32)
     probabilities, features = onnx_outputs(export_onnx(model, tmp_path / "model.onnx"), pixels)
     np.testing.assert_allclose(probabilities, model.predict(pixels, verbose=0), atol=1e-5)
-    assert features.shape == (6, 16)
+    assert features.shape == (6, 16 + 2 * 4)  # the head's 16 inputs, then block1_pool's 4 channel means and std devs
     weights, bias = classifier_head(model).get_weights()
-    logits = features @ weights + bias  # the features are exactly what the (first member's) softmax reads
+    logits = features[:, :16] @ weights + bias  # the features are exactly what the (first member's) softmax reads
     softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
     softmax /= softmax.sum(axis=1, keepdims=True)
     first = models[0].predict(pixels, verbose=0)
     np.testing.assert_allclose(softmax, first, atol=1e-5)
+
+    import keras
+
+    pooled = keras.Model(models[0].inputs, models[0].get_layer("block1_pool").output).predict(pixels, verbose=0)
+    np.testing.assert_allclose(features[:, 16:20], pooled.mean(axis=(1, 2)), atol=1e-5)
+    np.testing.assert_allclose(features[:, 20:], pooled.std(axis=(1, 2)), atol=1e-4)

@@ -9,6 +9,8 @@ const preview = document.getElementById("preview");
 const labelView = document.getElementById("label");
 const confidenceView = document.getElementById("confidence");
 const errorView = document.getElementById("error");
+const verdictView = document.getElementById("verdict");
+const noteView = document.getElementById("note");
 const bars = Array.from(document.querySelectorAll("#bars li"));
 
 let drawing = false;
@@ -57,14 +59,22 @@ for (const name of ["pointerup", "pointercancel"]) {
 }
 
 function showError(message) {
+  verdictView.hidden = true;
+  labelView.classList.remove("closest");
   errorView.textContent = message;
   errorView.hidden = false;
 }
 
 function showResult(result) {
   errorView.hidden = true;
+  const notDigit = result.is_digit === false;
   labelView.textContent = String(result.label);
-  confidenceView.textContent = `${(result.confidence * 100).toFixed(1)}% sure`;
+  labelView.classList.toggle("closest", notDigit);
+  verdictView.hidden = !notDigit;
+  const sure = `${(result.confidence * 100).toFixed(1)}%`;
+  confidenceView.textContent = notDigit ? `closest guess: ${result.label} (${sure})` : `${sure} sure`;
+  noteView.hidden = !result.digit_check;
+  noteView.textContent = result.digit_check || "";
   bars.forEach((bar, digit) => {
     const p = result.probabilities[digit];
     bar.querySelector(".fill").style.width = `${(p * 100).toFixed(1)}%`;
@@ -105,6 +115,8 @@ predictButton.addEventListener("click", () => {
 document.getElementById("clear").addEventListener("click", () => {
   clearPad();
   errorView.hidden = true;
+  verdictView.hidden = true;
+  labelView.classList.remove("closest");
   labelView.textContent = "?";
   confidenceView.textContent = "draw a digit, then Predict";
   showBarsEmpty();
