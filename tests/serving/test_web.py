@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from pipeline.serving.served import LOCAL_FILE_NOTE
 from pipeline.serving.web import MAX_UPLOAD_BYTES, create_app
 from tests.conftest import free_port
 
@@ -47,7 +48,8 @@ def client(tiny_model_path):
 def assert_prediction(response) -> dict:
     assert response.status_code == 200, response.get_data(as_text=True)
     body = response.get_json()
-    assert set(body) == {"label", "confidence", "probabilities"}
+    assert set(body) == {"label", "confidence", "probabilities", "digit_check"}  # a .keras file: no verdict
+    assert body["digit_check"] == LOCAL_FILE_NOTE
     assert 0 <= body["label"] <= 9 and len(body["probabilities"]) == 10
     assert body["confidence"] == max(body["probabilities"])
     return body
@@ -231,9 +233,8 @@ def test_real_server_answers_and_survives_bad_requests(server):
     assert status == 200 and body["label"] == 1
 
 
-@pytest.fixture(scope="module")
-def browser():
-    browser_or_skip()
+def start_browser():
+    """A headless Chromium driven by selenium (call `browser_or_skip` first)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -242,7 +243,13 @@ def browser():
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=900,820", "--force-device-scale-factor=1"):
         options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    browser_or_skip()
+    driver = start_browser()
     yield driver
     driver.quit()
 

@@ -79,7 +79,7 @@ function showResult(result) {
     const p = result.probabilities[digit];
     bar.querySelector(".fill").style.width = `${(p * 100).toFixed(1)}%`;
     bar.querySelector(".value").textContent = `${(p * 100).toFixed(1)}%`;
-    bar.classList.toggle("top", digit === result.label);
+    bar.classList.toggle("top", digit === result.label && !notDigit);
   });
 }
 
