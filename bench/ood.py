@@ -2,7 +2,7 @@
 
     python bench/ood.py --model models/model.keras --data data/prepared --handwriting tests/handwriting
 
-Runs the model once (probabilities and `verdict.feature_model`'s features) on: a training subset
+Runs the model once (probabilities and `export.with_features`'s features) on: a training subset
 (Mahalanobis statistics), validation (guards, threshold, combined fit), test, the handwriting set
 and the generated non-digits of both splits. For each method it prints AUROC per kind (test digits
 = positive against that kind), the rejection rate per kind at the threshold chosen on validation
@@ -23,92 +23,58 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from pipeline.core import nondigits, verdict  # noqa: E402
-
-TARGETS = {"test_accept": 0.995, "handwriting_accept": 0.97, "letters_symbols": 0.90, "doodles": 0.90,
-           "clothing": 0.95, "noise_blank": 1.0, "auroc": 0.98}
-
-
-def handwriting_pixels(folder: Path) -> tuple[np.ndarray, int]:
-    """The handwriting set as the serving path prepares it; also how many pictures failed to prepare."""
-    from pipeline.serving.handwriting import read_labels
-    from pipeline.serving.images import ImageError, prepare_image, read_image
-
-    pixels, failed = [], 0
-    for row in read_labels(folder):
-        try:
-            pixels.append(prepare_image(read_image(folder / row["file"])))
-        except ImageError:
-            failed += 1
-    return np.stack(pixels).astype(np.float32), failed
+from pipeline.core import nondigits, ood, verdict  # noqa: E402
 
 
 def collect(model_path: Path, data_dir: Path, handwriting_dir: Path, count: int, train_count: int,
             seed: int = 0) -> dict[str, np.ndarray]:
+    """Every input the verdict is fitted and measured on, with the Keras model's outputs."""
     import keras
 
+    from pipeline.core.export import classifier_head, with_features
+    from pipeline.serving.handwriting import prepared_pixels
+
     model = keras.saving.load_model(model_path)
-    both = verdict.feature_model(model)
-    head = model.layers[-1]
-    weights, bias = [np.asarray(w) for w in head.get_weights()]
+    both = with_features(model)
+    weights, bias = [np.asarray(w) for w in classifier_head(model).get_weights()]
     out: dict[str, np.ndarray] = {"weights": weights, "bias": bias}
 
     def run(name: str, pixels: np.ndarray) -> None:
-        pixels = np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28)
-        probabilities, features = both.predict(pixels[..., None], batch_size=1024, verbose=0)
-        out[f"{name}/p"], out[f"{name}/f"], out[f"{name}/x"] = probabilities, features, pixels.astype(np.uint8)
+        seen = ood.look(lambda x: both.predict(x[..., None], batch_size=1024, verbose=0), pixels)
+        out[f"{name}/p"], out[f"{name}/f"], out[f"{name}/x"] = seen.parts()
 
-    rng = np.random.default_rng(seed)
     for split in ("train", "val", "test"):
         with np.load(data_dir / f"{split}.npz") as data:
             x, y = data["x"], data["y"]
-        if split == "train" and train_count < len(x):
-            keep = np.sort(rng.choice(len(x), train_count, replace=False))
-            x, y = x[keep], y[keep]
+        if split == "train":
+            x, y = ood.subsample(x, y, train_count, seed)
         run(split, x)
         out[f"{split}/y"] = y
-    hand, failed = handwriting_pixels(handwriting_dir)
-    run("handwriting", np.round(np.clip(hand, 0, 255)))
-    out["handwriting/failed"] = np.array(failed)
+    hand, total = prepared_pixels(handwriting_dir)
+    run("handwriting", hand)
+    out["handwriting/total"] = np.array(total)
     for split in nondigits.SPLITS:
-        for kind in nondigits.KINDS:
-            run(f"{split}/{kind}", nondigits.generate(kind, count, seed=seed if split == "calibration" else seed + 1000,
-                                                      split=split))
+        for kind, pixels in ood.generated(split, count, seed).items():
+            run(f"{split}/{kind}", pixels)
     return out
 
 
-def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
+def seen(data: dict[str, np.ndarray], name: str) -> ood.Seen:
+    return ood.Seen(data[f"{name}/p"], data[f"{name}/f"], data[f"{name}/x"])
 
-    pos = np.nan_to_num(positive, neginf=-1e300)
-    neg = np.nan_to_num(negative, neginf=-1e300)
-    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
+
+def kinds(data: dict[str, np.ndarray], split: str) -> dict[str, ood.Seen]:
+    return {kind: seen(data, f"{split}/{kind}") for kind in nondigits.KINDS}
 
 
 def fit(method: str, data: dict[str, np.ndarray], target: float) -> verdict.VerdictState:
-    negatives = tuple(np.concatenate([data[f"calibration/{kind}/{part}"] for kind in nondigits.KINDS])
-                      for part in ("p", "f", "x"))
-    return verdict.fit_verdict(method, data["val/p"], data["val/f"], data["val/x"], target,
-                               weights=data["weights"], bias=data["bias"],
-                               train=(data["train/p"], data["train/f"], data["train/x"], data["train/y"]),
-                               negatives=negatives)
+    return ood.fit(method, target, data["weights"], data["bias"], seen(data, "train"), data["train/y"],
+                   seen(data, "val"), kinds(data, "calibration"))
 
 
-def measure(state: verdict.VerdictState, data: dict[str, np.ndarray]) -> dict[str, object]:
-    def score(name: str) -> np.ndarray:
-        return verdict.digit_scores(state, data[f"{name}/p"], data[f"{name}/f"], data[f"{name}/x"])
-
-    test, hand = score("test"), score("handwriting")
-    hand_total = len(hand) + int(data["handwriting/failed"])
-    row: dict[str, object] = {"threshold": state.threshold, "val_accept": float(np.mean(score("val") >= state.threshold)),
-                              "test_accept": float(np.mean(test >= state.threshold)),
-                              "handwriting_accept": float(np.sum(hand >= state.threshold) / hand_total)}
-    for split in nondigits.SPLITS:
-        for kind in nondigits.KINDS:
-            negative = score(f"{split}/{kind}")
-            row[f"{split}/{kind}/auroc"] = auroc(test, negative)
-            row[f"{split}/{kind}/rejected"] = float(np.mean(negative < state.threshold))
-    return row
+def measure(state: verdict.VerdictState, data: dict[str, np.ndarray]) -> dict:
+    return ood.report(state, seen(data, "val"), seen(data, "test"), seen(data, "handwriting"),
+                      int(data["handwriting/total"]), kinds(data, "heldout"), kinds(data, "calibration"))
 
 
 def table(results: dict[str, dict[str, object]]) -> str:
@@ -120,9 +86,9 @@ def table(results: dict[str, dict[str, object]]) -> str:
         head = "| method | test acc. | handwr. acc. | " + " | ".join(f"{short[k]} AUROC | {short[k]} rej." for k in kinds) + " |"
         lines += [head, "|" + "---|" * (3 + 2 * len(kinds))]
         for method, row in results.items():
-            cells = [f"{100 * row['test_accept']:.2f} %", f"{100 * row['handwriting_accept']:.2f} %"]
+            cells = [f"{100 * row['accepted']['test_digits']:.2f} %", f"{100 * row['accepted']['handwriting']:.2f} %"]
             for kind in kinds:
-                cells += [f"{row[f'{split}/{kind}/auroc']:.4f}", f"{100 * row[f'{split}/{kind}/rejected']:.1f} %"]
+                cells += [f"{row[split][kind]['auroc']:.4f}", f"{100 * row[split][kind]['rejected']:.1f} %"]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines.append("\ntargets: test >= 99.5 %, handwriting >= 97 %, letters >= 90 %, doodles >= 90 %, "
                  "clothing >= 95 %, noise 100 %, AUROC >= 0.98")

@@ -7,6 +7,8 @@ Both servers run side by side on loopback ports, each in its own process group. 
   for `--seconds`; any request not answered 200 counts as lost;
 - peak memory: the resident memory of the server's whole process tree, sampled every 50 ms from
   start-up to the end.
+A third server, the project's with `--no-digit-verdict`, joins the latency rounds (not the
+throughput ones): the digit verdict's cost per request, on and off in the same run.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pipeline.core.errors import PipelineError
 log = logging.getLogger("bench.serve")
 
 CHAMPION = "champion"
-SERVERS = ("project", "mlflow")
+SERVERS = ("project", "mlflow", "project_no_verdict")
+THROUGHPUT_SERVERS = ("project", "mlflow")
 CLIENT_COUNTS = (1, 8)
 
 
@@ -57,8 +60,9 @@ def champion_version(model_name: str) -> str | None:
 
 def server_command(kind: str, uri: str, port: int) -> list[str]:
     venv_bin = Path(sys.executable).parent  # `mlflow` and the `uvicorn` it starts live next to this Python
-    if kind == "project":
-        return [sys.executable, "-m", "pipeline", "serve", "--model", uri, "--host", "127.0.0.1", "--port", str(port)]
+    if kind.startswith("project"):
+        return [sys.executable, "-m", "pipeline", "serve", "--model", uri, "--host", "127.0.0.1", "--port", str(port),
+                *(["--no-digit-verdict"] if kind == "project_no_verdict" else [])]
     return [str(venv_bin / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
@@ -259,14 +263,15 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
         for kind, latency in measure_latency({k: s.port for k, s in servers.items()}, body, requests).items():
             results[kind]["latency"] = latency
         for clients in CLIENT_COUNTS:
-            for kind, server in servers.items():
+            for kind in THROUGHPUT_SERVERS:
+                server = servers[kind]
                 log.info("throughput: %s server, %d client(s), %g s", kind, clients, seconds)
                 results[kind][f"throughput_{clients}_clients"] = measure_throughput(server.port, body, clients, seconds)
     finally:
         for kind, server in servers.items():
             server.stop()
             results.setdefault(kind, {})["peak_rss_mib"] = round(server.peak_rss_mib, 1)
-    project, mlflow_ = results["project"], results["mlflow"]
+    project, mlflow_, bare = results["project"], results["mlflow"], results["project_no_verdict"]
     many = f"throughput_{CLIENT_COUNTS[-1]}_clients"
     return {
         "benchmark": "serve",
@@ -281,7 +286,9 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
                                                         project["throughput_1_clients"]["requests_per_s"]),
             "project_over_mlflow_8_client_throughput": ratio(project[many]["requests_per_s"],
                                                              mlflow_[many]["requests_per_s"]),
+            "verdict_on_over_off_latency_p50": ratio(project["latency"]["p50_ms"], bare["latency"]["p50_ms"]),
         },
+        "verdict_cost_p50_ms": round(project["latency"]["p50_ms"] - bare["latency"]["p50_ms"], 3),
     }
 
 
@@ -311,5 +318,9 @@ def serve_markdown(record: dict) -> str:
         f"requests each, alternating; throughput over {settings['throughput_seconds']:g} s per row, keep-alive "
         f"connections. Latency p50: mlflow / project = {times(ratios['mlflow_over_project_latency_p50'])}; "
         f"project throughput, 8 clients / 1 client = {times(ratios['project_8_over_1_client_throughput'])}. "
+        f"The digit verdict: p50 {number(servers['project']['latency']['p50_ms'], '.3f')} ms on, "
+        f"{number(servers['project_no_verdict']['latency']['p50_ms'], '.3f')} ms off (`--no-digit-verdict`, a third "
+        f"server in the same rounds): {record['verdict_cost_p50_ms']:+.3f} ms, "
+        f"{times(ratios['verdict_on_over_off_latency_p50'])}. "
         f"{machine_line(record['machine'])}.",
     ])

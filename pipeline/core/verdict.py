@@ -63,6 +63,8 @@ class VerdictState:
     centre: np.ndarray = field(default_factory=lambda: np.zeros(0))  # combined: input means
     scale: np.ndarray = field(default_factory=lambda: np.zeros(0))  # combined: input std devs
     coef: np.ndarray = field(default_factory=lambda: np.zeros(0))  # combined: logistic weights (+1 bias)
+    # derived per (means, precision) pair on first use, not saved: precision @ means.T and each mean's own term
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 # --- input statistics -------------------------------------------------------------------------
@@ -83,8 +85,8 @@ def ink_stats(pixels: np.ndarray) -> np.ndarray:
     return np.stack([count / IMAGE_SIDE**2, extent(rows), extent(cols), mean], axis=1).astype(np.float64)
 
 
-def guards_pass(state: VerdictState, pixels: np.ndarray) -> np.ndarray:
-    stats = ink_stats(pixels)[:, :3]
+def guards_pass(state: VerdictState, pixels: np.ndarray, stats: np.ndarray | None = None) -> np.ndarray:
+    stats = (ink_stats(pixels) if stats is None else stats)[:, :3]
     return np.all((stats >= state.guard_low) & (stats <= state.guard_high), axis=1)
 
 
@@ -109,21 +111,23 @@ def mahalanobis(state: VerdictState, features: np.ndarray, means: np.ndarray | N
     """Minus the smallest squared Mahalanobis distance to a class mean (the dense features by default)."""
     means = state.means if means is None else means
     precision = state.precision if precision is None else precision
+    key = (id(means), id(precision))
+    if key not in state.derived:  # the arrays are set once fitted; serving reuses these per request
+        state.derived[key] = (means, precision, precision @ means.T, ((means @ precision) * means).sum(axis=1))
+    _, _, projected_means, mean_terms = state.derived[key]
     features = np.asarray(features, dtype=np.float64)[:, : means.shape[1]]
-    projected = features @ precision  # (N, D)
-    cross = projected @ means.T  # (N, 10)
-    mean_terms = np.einsum("cd,de,ce->c", means, precision, means)
-    own = np.einsum("nd,nd->n", projected, features)
-    distances = own[:, None] - 2.0 * cross + mean_terms[None, :]
+    own = np.einsum("nd,nd->n", features @ precision, features)
+    distances = own[:, None] - 2.0 * (features @ projected_means) + mean_terms[None, :]
     return -distances.min(axis=1)
 
 
 def raw_scores(state: VerdictState, probabilities: np.ndarray, features: np.ndarray | None,
-               pixels: np.ndarray) -> dict[str, np.ndarray]:
-    """Every score the state can compute (those that need absent parts are left out)."""
+               pixels: np.ndarray, stats: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every score the state can compute (those that need absent parts are left out); `stats`:
+    `ink_stats(pixels)` when already computed."""
     probabilities = np.asarray(probabilities, dtype=np.float64)
     msp = probabilities.max(axis=1)
-    stats = ink_stats(pixels)
+    stats = ink_stats(pixels) if stats is None else stats
     out = {"msp": msp, "log_msp": np.log(np.clip(msp, 1e-12, 1.0)) - np.log(np.clip(1.0 - msp, 1e-12, 1.0)),
            "ink_fraction": stats[:, 0], "box_height": stats[:, 1], "box_width": stats[:, 2], "ink_mean": stats[:, 3]}
     dense = conv = None
@@ -157,8 +161,9 @@ def method_score(state: VerdictState, scores: dict[str, np.ndarray]) -> np.ndarr
 def digit_scores(state: VerdictState, probabilities: np.ndarray, features: np.ndarray | None,
                  pixels: np.ndarray) -> np.ndarray:
     """The verdict's score per picture (higher = more digit-like); -inf where a guard fails."""
-    score = method_score(state, raw_scores(state, probabilities, features, pixels))
-    return np.where(guards_pass(state, pixels), score, -np.inf)
+    stats = ink_stats(pixels)
+    score = method_score(state, raw_scores(state, probabilities, features, pixels, stats))
+    return np.where(guards_pass(state, pixels, stats), score, -np.inf)
 
 
 def is_digit(state: VerdictState, probabilities: np.ndarray, features: np.ndarray | None,
