@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipeline.commands.common import address_options, model_option, positive
+from pipeline.commands.common import address_options, model_option, non_negative, positive
 from pipeline.commands.common import parser as command_parser
 from pipeline.core.errors import exit_on_user_error
 from pipeline.core.runtime import setup_logging
 from pipeline.registry.store import champion_uri
 from pipeline.serving.classifier import load_classifier
-from pipeline.serving.served import ServedModel
+from pipeline.serving.following import DEFAULT_REFRESH_S, AliasFollower
 from pipeline.serving.serve import (
     DEFAULT_MAX_BODY_MB,
     DEFAULT_MAX_CONCURRENT,
@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=positive(float), default=DEFAULT_TIMEOUT_S,
                         help=f"a request not answered within this gets 503 (default: {DEFAULT_TIMEOUT_S:g})")
     parser.add_argument("--access-log", action="store_true", help="log every request")
+    parser.add_argument("--refresh-s", type=non_negative(float), default=DEFAULT_REFRESH_S,
+                        help="with an alias (models:/<name>@champion), look this often for the version it names "
+                        f"and switch to it; 0: never (default: {DEFAULT_REFRESH_S:g})")
     parser.add_argument("--no-digit-verdict", action="store_true",
                         help="skip the digit check: answers carry no is_digit (the check costs little; see bench serve)")
     return parser.parse_args(argv)
@@ -53,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = args.model or champion_uri()
     server_socket = listen(args.host, args.port)  # a busy port fails before the model loads
-    model = load_classifier(uri)
-    if args.no_digit_verdict:
-        model = ServedModel(model.classifier, None, model.version, "the digit check is turned off (--no-digit-verdict)")
+    def adapt(model):
+        return model.without_verdict("the digit check is turned off (--no-digit-verdict)") if args.no_digit_verdict else model
+
+    model = AliasFollower(uri, args.refresh_s, load_classifier, adapt)
     app = build_app(model, int(args.max_body_mb * MIB), args.max_images, args.max_concurrent,
                     args.timeout_s)
     netloc = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.common import address_options, model_option, parser
+from pipeline.commands.common import address_options, model_option, non_negative, parser
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.runtime import setup_logging
+from pipeline.serving.following import DEFAULT_REFRESH_S
 from pipeline.serving.web import MAX_UPLOAD_BYTES, THREADS, create_app, warm_up
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    return parser("web", "Draw or upload a digit, see the prediction.", address_options(5005),
-                  model_option()).parse_args(argv)
+    command = parser("web", "Draw or upload a digit, see the prediction.", address_options(5005), model_option())
+    command.add_argument("--refresh-s", type=non_negative(float), default=DEFAULT_REFRESH_S,
+                         help="with an alias (models:/<name>@champion), look this often for the version it names "
+                         f"and switch to it; 0: never (default: {DEFAULT_REFRESH_S:g})")
+    return command.parse_args(argv)
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    app = create_app(args.model)
+    app = create_app(args.model, refresh_s=args.refresh_s)
     warm_up(app)
     import waitress
 

@@ -211,7 +211,7 @@ def load_registered(uri: str) -> ServedModel:
         ) from None
     log.info("loaded %s: %s version %s (%s verified%s)", uri, version.name, version.version, HASH_TAGS[ONNX_FILE],
              ", with its digit verdict" if state else "")
-    return ServedModel(classifier, state, f"{version.name} version {version.version}", NO_VERDICT_NOTE)
+    return ServedModel(classifier, state, str(version.version), NO_VERDICT_NOTE)
 
 
 def load_registered_keras(uri: str) -> Any:

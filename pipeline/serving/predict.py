@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def describe(answers: Answers, index: int) -> dict[str, Any]:
-    """The answer for one image: label, its confidence, all ten probabilities, and where the model
-    has a digit verdict, `is_digit` and `digit_score` (null: the picture failed the ink checks)."""
+    """The answer for one image: label, its confidence, all ten probabilities, where the model
+    has a digit verdict `is_digit` and `digit_score` (null: the picture failed the ink checks), and
+    for a registered model `model_version`, the version that answered."""
     probs = answers.probabilities[index]
     label = int(np.argmax(probs))
     return {
@@ -29,6 +30,7 @@ def describe(answers: Answers, index: int) -> dict[str, Any]:
         "confidence": round(float(probs[label]), 6),
         "probabilities": [round(float(p), 6) for p in probs],
         **answers.verdict_fields(index),
+        **({} if answers.version is None else {"model_version": answers.version}),
     }
 
 

@@ -8,6 +8,8 @@ answers {"predictions": [[10 probabilities], ...]}; GET /ping, /health and /vers
 What differs:
 - a version registered with its digit verdict also answers "is_digit": [true|false, ...], one per
   image (`"params": {"digit_verdict": false}` in the request leaves it out);
+- the header `X-Model-Version` names the registered version that answered; served from an alias,
+  the server follows it (`following.AliasFollower`, started and stopped with the app);
 - the registered version's ONNX file runs on ONNX Runtime after its sha256 is checked
   (`classifier.load_classifier`), with concurrent requests micro-batched (`batching`);
 - the input contract (`contract`) is checked before the model runs: bad input gets a 4xx JSON
@@ -38,6 +40,7 @@ DEFAULT_MAX_BODY_MB = 16.0  # about 2,900 MNIST images as JSON floats, 4,000 as 
 DEFAULT_MAX_IMAGES = 1000
 DEFAULT_MAX_CONCURRENT = 64
 DEFAULT_TIMEOUT_S = 30.0
+VERSION_HEADER = "X-Model-Version"  # the registered version that answered
 GRACEFUL_SHUTDOWN_S = 8.0  # in-flight requests get this long after SIGTERM
 
 Scope = MutableMapping[str, Any]
@@ -62,13 +65,21 @@ def declared_length(scope: Scope) -> int | None:
     return None
 
 
-def error_body(error_code: str, message: str) -> bytes:
-    """MLflow's error shape: {"error_code": ..., "message": ...}."""
-    return json.dumps({"error_code": error_code, "message": message}).encode()
+# MLflow's error code (mlflow.protos.databricks_pb2.ErrorCode) for each status this server answers:
+# MLflow's own for 400, 404, 500 and 503; it has none for 405 (a route that exists for another
+# method), 413 or 415, so the nearest: the endpoint is not there, a limit is exceeded, a bad request
+ERROR_CODES = {400: "BAD_REQUEST", 404: "ENDPOINT_NOT_FOUND", 405: "ENDPOINT_NOT_FOUND", 413: "RESOURCE_LIMIT_EXCEEDED",
+               415: "BAD_REQUEST", 500: "INTERNAL_ERROR", 503: "TEMPORARILY_UNAVAILABLE"}
+
+
+def error_body(status: int, message: str) -> bytes:
+    """MLflow's error shape: {"error_code": ..., "message": ...}, the code by `ERROR_CODES`."""
+    code = ERROR_CODES.get(status, "BAD_REQUEST" if status < 500 else "INTERNAL_ERROR")
+    return json.dumps({"error_code": code, "message": message}).encode()
 
 
 def too_large_body(max_bytes: int) -> bytes:
-    return error_body("REQUEST_TOO_LARGE", f"request body is larger than the server's limit of "
+    return error_body(413, f"request body is larger than the server's limit of "
                       f"{max_bytes / MIB:g} MiB; split the batch into smaller requests, or restart the "
                       "server with a larger --max-body-mb")
 
@@ -145,7 +156,7 @@ class ConcurrencyLimit:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.max_concurrent:
-            await send_error(send, 503, error_body("SERVER_BUSY", f"more than {self.max_concurrent} requests "
+            await send_error(send, 503, error_body(503, f"more than {self.max_concurrent} requests "
                                                    "in flight; retry shortly"))
             return
         self.in_flight += 1
@@ -178,8 +189,8 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
 
     batcher = MicroBatcher(model.answer, max_images)
 
-    def error(status: int, error_code: str, message: str) -> Response:
-        return Response(error_body(error_code, message), status_code=status, media_type="application/json")
+    def error(status: int, message: str) -> Response:
+        return Response(error_body(status, message), status_code=status, media_type="application/json")
 
     async def predict(request: Request) -> Response:
         images, with_verdict = parse_invocation(await request.body(), request.headers.get("content-type"), max_images)
@@ -187,21 +198,22 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
         body = {"predictions": answers.probabilities.tolist()}
         if with_verdict and answers.is_digit is not None:
             body["is_digit"] = answers.is_digit.tolist()
-        return Response(json.dumps(body), media_type="application/json")
+        headers = {} if answers.version is None else {VERSION_HEADER: answers.version}
+        return Response(json.dumps(body), media_type="application/json", headers=headers)
 
     async def invocations(request: Request) -> Response:
         try:
             return await asyncio.wait_for(predict(request), timeout_s)
         except BadRequest as problem:
-            return error(problem.status, "BAD_REQUEST", str(problem))
+            return error(problem.status, str(problem))
         except TimeoutError:
-            return error(503, "TIMEOUT", f"the request took longer than {timeout_s:g} s (body upload "
+            return error(503, f"the request took longer than {timeout_s:g} s (body upload "
                          "included); send smaller batches or retry")
         except BodyTooLarge:
             raise  # BodySizeLimit answers 413
         except Exception:  # the trace goes to the server's log, never to the client
             log.exception("prediction failed")
-            return error(500, "INTERNAL_ERROR", "the model failed on this request; the server log has the details")
+            return error(500, "the model failed on this request; the server log has the details")
 
     async def ping(_: Request) -> Response:
         return Response("\n", media_type="application/json")
@@ -210,13 +222,16 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
         return Response(mlflow_version(), media_type="application/json")
 
     async def http_error(_: Request, problem: HTTPException) -> Response:
-        return error(problem.status_code, "BAD_REQUEST" if problem.status_code < 500 else "INTERNAL_ERROR",
-                     problem.detail or "request failed")
+        return error(problem.status_code, problem.detail or "request failed")
 
     @asynccontextmanager
     async def lifespan(_):
         batcher.start()
+        if hasattr(model, "start"):
+            model.start()
         yield
+        if hasattr(model, "stop"):
+            model.stop()
         await batcher.stop()
 
     app = Starlette(

@@ -22,12 +22,14 @@ class Answers:
     probabilities: np.ndarray  # (n, 10)
     scores: np.ndarray | None = None  # (n,) higher = more digit-like; -inf where an input guard fails
     threshold: float | None = None
+    version: str | None = None  # the registered version that answered; None for a local file
 
     def __len__(self) -> int:
         return len(self.probabilities)
 
     def __getitem__(self, rows: slice) -> Answers:  # the micro-batcher hands each request its rows
-        return Answers(self.probabilities[rows], None if self.scores is None else self.scores[rows], self.threshold)
+        return Answers(self.probabilities[rows], None if self.scores is None else self.scores[rows], self.threshold,
+                       self.version)
 
     @property
     def is_digit(self) -> np.ndarray | None:
@@ -49,8 +51,11 @@ class ServedModel:
                  missing_verdict: str = LOCAL_FILE_NOTE) -> None:
         self.classifier = classifier
         self.state = state
-        self.version = version  # "<name> version <n>" of a registered model; None for a local file
+        self.version = version  # the registered version's number; None for a local file
         self.missing_verdict = missing_verdict  # why there is no verdict, for users (when state is None)
+
+    def without_verdict(self, reason: str) -> ServedModel:
+        return ServedModel(self.classifier, None, self.version, reason)
 
     @property
     def has_verdict(self) -> bool:
@@ -61,10 +66,10 @@ class ServedModel:
 
     def answer(self, pixels: np.ndarray) -> Answers:
         if self.state is None:
-            return Answers(self.probabilities(pixels))
+            return Answers(self.probabilities(pixels), version=self.version)
         probabilities, features = self.classifier.outputs(pixels)
         scores = verdict.digit_scores(self.state, probabilities, features, as_model_input(pixels))
-        return Answers(probabilities, scores, self.state.threshold)
+        return Answers(probabilities, scores, self.state.threshold, self.version)
 
 
 def as_served(model: Any) -> ServedModel:

@@ -28,6 +28,7 @@ from pipeline.core.errors import PipelineError, redact
 from pipeline.registry.store import champion_uri
 from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.classifier import load_classifier
+from pipeline.serving.following import AliasFollower
 from pipeline.serving.predict import describe
 
 log = logging.getLogger(__name__)
@@ -48,10 +49,12 @@ class Busy(Exception):
 
 
 class LazyModel:
-    """Loads the model on first use, once, even with concurrent requests."""
+    """Loads the model on first use, once, even with concurrent requests; served from an alias, it
+    then follows it every `refresh_s` seconds (`following.AliasFollower`)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, refresh_s: float = 0.0) -> None:
         self.uri = uri
+        self.refresh_s = refresh_s
         self._model: Any = None
         self._lock = threading.Lock()
 
@@ -63,7 +66,8 @@ class LazyModel:
         with self._lock:
             if self._model is None:
                 log.info("loading model %s", self.uri)
-                self._model = load_classifier(self.uri)
+                self._model = AliasFollower(self.uri, self.refresh_s, load_classifier)
+                self._model.start()
             return self._model
 
     def predict(self, pixels: Any) -> dict[str, Any]:
@@ -116,14 +120,14 @@ def image_bytes_from_request() -> tuple[bytes, str]:
 
 
 def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_decodes: int = MAX_DECODES) -> Flask:
+               max_decodes: int = MAX_DECODES, refresh_s: float = 0.0) -> Flask:
     """The web app; the model (by default the project's champion) is loaded at the first prediction
-    (or by `warm_up`)."""
+    (or by `warm_up`), and from then on follows its alias every `refresh_s` seconds (0: never)."""
     model_uri = model_uri or champion_uri()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = max_upload_bytes
-    app.extensions["mnist_model"] = LazyModel(model_uri)
+    app.extensions["mnist_model"] = LazyModel(model_uri, refresh_s)
     limit_mb = max_upload_bytes / (1024 * 1024)
     decode_slots = threading.BoundedSemaphore(max_decodes)
 
@@ -134,7 +138,8 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     @app.get("/healthz")
     def health() -> Any:
         model: LazyModel = app.extensions["mnist_model"]
-        return jsonify(status="ok", model=model.uri, loaded=model.loaded)
+        return jsonify(status="ok", model=model.uri, loaded=model.loaded,
+                       **({"version": model.get().version} if model.loaded else {}))
 
     @app.post("/api/predict")
     def predict() -> Any:

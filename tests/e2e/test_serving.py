@@ -197,7 +197,7 @@ def test_a_body_declared_over_the_limit_gets_413_and_the_server_keeps_serving(pi
     assert length > MIB
     status, answer = post_expecting_continue(pipeline_served, length)
     assert status == 413, answer
-    assert answer["error_code"] == "REQUEST_TOO_LARGE"
+    assert answer["error_code"] == "RESOURCE_LIMIT_EXCEEDED"
     assert "1 MiB" in answer["message"] and "--max-body-mb" in answer["message"]
     assert_still_serving(pipeline_served)
 
@@ -206,7 +206,7 @@ def test_a_chunked_body_streaming_past_the_limit_gets_413_and_the_server_keeps_s
     body = images_json(400)[: MIB + 64 * 1024]  # just past the limit: little is left to send after the 413
     status, answer = post_chunked(pipeline_served, (body[i : i + 64 * 1024] for i in range(0, len(body), 64 * 1024)))
     assert status == 413, answer
-    assert answer["error_code"] == "REQUEST_TOO_LARGE"
+    assert answer["error_code"] == "RESOURCE_LIMIT_EXCEEDED"
     assert_still_serving(pipeline_served)
 
 

@@ -68,12 +68,12 @@ def mixed_pictures(mnist: Path, folder: Path) -> list[Path]:
 class Server:
     """`python -m pipeline serve` on a free loopback port, against the test store."""
 
-    def __init__(self, model: str, store_uri: str, log: Path) -> None:
+    def __init__(self, model: str, store_uri: str, log: Path, *options: str) -> None:
         self.port = free_port()
         env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
         with open(log, "w") as stream:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", model,
-                                             "--port", str(self.port)], cwd=REPO, env=env, stdout=stream,
+                                             "--port", str(self.port), *options], cwd=REPO, env=env, stdout=stream,
                                             stderr=subprocess.STDOUT)
         self.log = log
         deadline = time.monotonic() + 60
@@ -293,3 +293,27 @@ def test_the_page_says_plainly_when_a_picture_is_not_a_digit(store, tmp_path):
         driver.quit()
         web.terminate()
         web.wait(timeout=10)
+
+
+def test_serve_answers_each_status_with_mlflows_error_code(tracking, tmp_path):
+    from mlflow.protos import databricks_pb2
+
+    server = Server(WITH_VERDICT, tracking["uri"], tmp_path / "serve.log")
+
+    def call(method: str, path: str, body: bytes | None = None, content_type: str = "application/json"):
+        request = urllib.request.Request(f"http://127.0.0.1:{server.port}{path}", body, {"Content-Type": content_type},
+                                         method=method)
+        try:
+            urllib.request.urlopen(request, timeout=10).close()
+            return 200, None
+        except urllib.error.HTTPError as error:
+            return error.code, json.load(error)["error_code"]
+
+    try:
+        answers = [call("GET", "/nope"), call("GET", "/invocations"), call("POST", "/invocations", b"{}", "text/plain"),
+                   call("POST", "/invocations", b"{not json")]
+    finally:
+        server.stop()
+    assert answers == [(404, "ENDPOINT_NOT_FOUND"), (405, "ENDPOINT_NOT_FOUND"), (415, "BAD_REQUEST"),
+                       (400, "BAD_REQUEST")]
+    assert all(databricks_pb2.ErrorCode.Value(code) for _, code in answers)  # codes an MLflow client knows

@@ -51,13 +51,13 @@ def test_a_body_within_the_limit_reaches_the_app():
 
 def test_a_declared_length_over_the_limit_is_refused_unread():
     status, answer, pulled = call([b"x" * 101], content_length=101)
-    assert (status, answer["error_code"], pulled) == (413, "REQUEST_TOO_LARGE", 0)
+    assert (status, answer["error_code"], pulled) == (413, "RESOURCE_LIMIT_EXCEEDED", 0)
     assert "--max-body-mb" in answer["message"] and "split the batch" in answer["message"]
 
 
 def test_a_chunked_body_is_cut_off_once_it_passes_the_limit():
     status, answer, pulled = call([b"x" * 60] * 10, content_length=None)
-    assert (status, answer["error_code"], pulled) == (413, "REQUEST_TOO_LARGE", 2)
+    assert (status, answer["error_code"], pulled) == (413, "RESOURCE_LIMIT_EXCEEDED", 2)
 
 
 def test_a_body_longer_than_declared_is_still_counted():

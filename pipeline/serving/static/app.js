@@ -11,6 +11,7 @@ const confidenceView = document.getElementById("confidence");
 const errorView = document.getElementById("error");
 const verdictView = document.getElementById("verdict");
 const noteView = document.getElementById("note");
+const versionView = document.getElementById("version");
 const bars = Array.from(document.querySelectorAll("#bars li"));
 
 let drawing = false;
@@ -73,6 +74,7 @@ function showResult(result) {
   verdictView.hidden = !notDigit;
   const sure = `${(result.confidence * 100).toFixed(1)}%`;
   confidenceView.textContent = notDigit ? `closest guess: ${result.label} (${sure})` : `${sure} sure`;
+  versionView.textContent = result.model_version ? `, version ${result.model_version} answered` : "";
   noteView.hidden = !result.digit_check;
   noteView.textContent = result.digit_check || "";
   bars.forEach((bar, digit) => {
