@@ -3,8 +3,10 @@
 A request is what `mlflow models serve` takes for a tensor model: a JSON object with `inputs`
 (or `instances`), holding images as nested lists, or `{"pixels": ...}` by input name. Each image
 is 28x28 (optionally x1) raw pixels: finite numbers from 0 to 255. Anything else is a `BadRequest`
-whose message names the problem and never quotes the body. MLflow's `params` object may hold
-`"digit_verdict": false`, which leaves the `is_digit` key out of the answer.
+whose message names the problem and never quotes the body. Pixels that look scaled to 0-1 (none
+above 1, some above 0), the commonest client mistake, are refused unless the request says so.
+MLflow's `params` object may hold `"digit_verdict": false`, which leaves the `is_digit` key out of
+the answer, and `"pixel_scale": "0-1"` for pixels scaled to 0-1.
 """
 
 from __future__ import annotations
@@ -66,8 +68,17 @@ def images_field(payload: Any) -> Any:
     return value
 
 
-def as_images(value: Any, max_images: int) -> np.ndarray:
-    """(n, 28, 28, 1) float32 pixels from nested lists, or BadRequest naming what is wrong."""
+def holds_boolean(value: Any) -> bool:
+    """Whether nested lists hold a JSON true or false (NumPy would read it as 1 or 0)."""
+    if isinstance(value, list):
+        return any(holds_boolean(item) for item in value)
+    return isinstance(value, bool)
+
+
+def as_images(value: Any, max_images: int, scale: str = "0-255", may_hold_booleans: bool = True) -> np.ndarray:
+    """(n, 28, 28, 1) float32 raw 0-255 pixels from nested lists (`scale` "0-1": multiplied by 255),
+    or BadRequest naming what is wrong. `may_hold_booleans` False skips the walk that finds a
+    boolean among numbers (the body has no `true` or `false`)."""
     if not isinstance(value, list) or not value:
         raise BadRequest("no images: send a non-empty list of 28x28 images")
     if len(value) > max_images:
@@ -77,7 +88,7 @@ def as_images(value: Any, max_images: int) -> np.ndarray:
         array = np.asarray(value)
     except (ValueError, OverflowError):  # ragged lists
         raise BadRequest("images are not all 28x28: the nested lists have different lengths") from None
-    if array.dtype.kind not in "iuf":
+    if array.dtype.kind not in "iuf" or (may_hold_booleans and holds_boolean(value)):
         raise BadRequest("pixels must be numbers (found strings, booleans, nulls, objects or ragged lists)")
     if array.ndim == 4 and array.shape[-1] == 1:
         array = array[..., 0]
@@ -87,24 +98,37 @@ def as_images(value: Any, max_images: int) -> np.ndarray:
     if not np.isfinite(pixels).all():
         raise BadRequest("pixels must be finite numbers (found a value too large for float32)")
     low, high = float(pixels.min()), float(pixels.max())
-    if low < 0 or high > 255:
+    top = 1.0 if scale == "0-1" else 255.0
+    if low < 0 or high > top:
         value = low if low < 0 else high
-        raise BadRequest(f"pixel value {value:g} is out of range; pixels are raw grey levels from 0 to 255")
+        raise BadRequest(f"pixel value {value:g} is out of range; pixels are raw grey levels from 0 to 255"
+                         + (' (the request says "pixel_scale": "0-1")' if scale == "0-1" else ""))
+    if scale == "0-1":
+        return (pixels * 255.0).reshape(-1, *INPUT_SHAPE)
+    if 0 < high <= 1.0:
+        raise BadRequest(f"pixels look scaled to 0-1 (largest {high:g}); send raw grey levels from 0 to 255, or "
+                         'say so with "params": {"pixel_scale": "0-1"}')
     return pixels.reshape(-1, *INPUT_SHAPE)
 
 
 VERDICT_PARAM = "digit_verdict"  # in `params`: false leaves `is_digit` out of the answer
 
 
-def wants_verdict(payload: dict) -> bool:
-    """Whether the answer carries `is_digit` (MLflow's `params` object may say `"digit_verdict": false`)."""
+SCALE_PARAM, SCALES = "pixel_scale", ("0-255", "0-1")
+
+
+def request_options(payload: dict) -> tuple[bool, str]:
+    """From MLflow's `params` object: whether the answer carries `is_digit`, and the pixels' scale."""
     options = payload.get("params", {})
     if not isinstance(options, dict):
         raise BadRequest('"params" must be a JSON object, such as {"digit_verdict": false}')
     choice = options.get(VERDICT_PARAM, True)
     if not isinstance(choice, bool):
         raise BadRequest(f'params.{VERDICT_PARAM} must be true or false')
-    return choice
+    scale = options.get(SCALE_PARAM, SCALES[0])
+    if scale not in SCALES:
+        raise BadRequest(f'params.{SCALE_PARAM} must be "0-255" (raw grey levels, the default) or "0-1"')
+    return choice, scale
 
 
 def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> tuple[np.ndarray, bool]:
@@ -114,6 +138,7 @@ def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> 
         raise BadRequest(f"content type {media_type or 'none'!r} is not supported; send "
                          "Content-Type: application/json", status=415)
     payload = read_json(body)
-    images = as_images(images_field(payload), max_images)
-    return images, wants_verdict(payload)
+    verdict, scale = request_options(payload) if isinstance(payload, dict) else (True, SCALES[0])
+    images = as_images(images_field(payload), max_images, scale, may_hold_booleans=b"true" in body or b"false" in body)
+    return images, verdict
 

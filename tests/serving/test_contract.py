@@ -1,0 +1,51 @@
+"""The /invocations input contract, in-process: the inputs a client commonly gets wrong."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.serving.contract import BadRequest, parse_invocation
+
+SEVEN = np.zeros((28, 28))
+SEVEN[6, 8:20] = 255
+SEVEN[7:22, 18] = 220
+
+
+def parse(payload: dict):
+    return parse_invocation(json.dumps(payload).encode(), "application/json", 10)
+
+
+def test_pixels_scaled_to_0_1_are_refused_naming_the_range_and_the_option():
+    with pytest.raises(BadRequest, match=r'look scaled to 0-1 \(largest 1\); send raw grey levels from 0 to 255, '
+                                         r'or say so with "params": \{"pixel_scale": "0-1"\}'):
+        parse({"inputs": [(SEVEN / 255).tolist()]})
+
+
+def test_a_request_that_says_its_scale_is_0_1_gets_the_same_pixels_as_raw():
+    images, _ = parse({"inputs": [(SEVEN / 255).tolist()], "params": {"pixel_scale": "0-1"}})
+    np.testing.assert_allclose(images[0, ..., 0], SEVEN, atol=1e-4)
+    with pytest.raises(BadRequest, match='out of range.*"pixel_scale": "0-1"'):
+        parse({"inputs": [SEVEN.tolist()], "params": {"pixel_scale": "0-1"}})
+    with pytest.raises(BadRequest, match='params.pixel_scale must be "0-255"'):
+        parse({"inputs": [SEVEN.tolist()], "params": {"pixel_scale": "percent"}})
+
+
+def test_a_blank_image_is_not_mistaken_for_a_scaled_one():
+    images, verdict = parse({"inputs": [np.zeros((28, 28)).tolist()]})
+    assert images.shape == (1, 28, 28, 1) and not images.any() and verdict
+
+
+@pytest.mark.parametrize("literal", [True, False])
+def test_a_boolean_among_numbers_is_refused(literal):
+    image = SEVEN.tolist()
+    image[3][3] = literal
+    with pytest.raises(BadRequest, match="pixels must be numbers .*booleans"):
+        parse({"inputs": [image]})
+
+
+def test_the_verdict_option_does_not_count_as_a_boolean_pixel():
+    images, verdict = parse({"inputs": [SEVEN.tolist()], "params": {"digit_verdict": False}})
+    assert not verdict and images.max() == 255
