@@ -37,8 +37,10 @@ def write_metrics(place: Place, paths, test: Split, probabilities: np.ndarray, m
     summary = {k: v for k, v in metrics.items() if k != "per_class"}
     place(paths.metrics).write_text(json.dumps({"test": summary, "test_images": len(test)}, indent=2))
     place(paths.per_class).write_text(json.dumps(metrics["per_class"], indent=2))
-    place(paths.handwriting).write_text(json.dumps(handwriting_summary(handwriting), indent=2))
-    place(paths.ood).write_text(json.dumps(ood_report, indent=2))
+    # each file's figures under one key, so that `dvc exp show` columns read handwriting.accuracy,
+    # digit_check.accepted.test_digits and so on
+    place(paths.handwriting).write_text(json.dumps({"handwriting": handwriting_summary(handwriting)}, indent=2))
+    place(paths.ood).write_text(json.dumps({"digit_check": ood_report}, indent=2))
     write_confusion_rows(test.y, probabilities.argmax(axis=1), place(paths.confusion))
 
 

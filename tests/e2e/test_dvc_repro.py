@@ -36,7 +36,7 @@ def test_metrics_and_figures_are_written(tiny_project):
     assert rows[0] == "actual,predicted" and len(rows) == 1001
     for name in ("confusion_matrix.png", "training_curves.png", "misclassified.png", "handwriting_predictions.png"):
         assert (tiny_project / "figures" / name).read_bytes().startswith(b"\x89PNG")
-    handwriting = json.loads((tiny_project / "metrics" / "handwriting.json").read_text())
+    handwriting = json.loads((tiny_project / "metrics" / "handwriting.json").read_text())["handwriting"]
     assert handwriting["count"] == 40 and 0.0 <= handwriting["accuracy"] <= 1.0
     history = (tiny_project / "metrics" / "train_history.csv").read_text().splitlines()
     assert history[0] == "epoch,loss,accuracy,val_loss,val_accuracy,learning_rate" and len(history) == 3
@@ -47,9 +47,29 @@ def test_dvc_sees_metrics_and_plots(tiny_project):
     files = shown[""]["data"]
     assert files["metrics/evaluate.json"]["data"]["test"]["accuracy"] > 0.5
     assert files["metrics/tune.json"]["data"]["trials"]["COMPLETE"] >= 1
-    assert "accuracy" in files["metrics/handwriting.json"]["data"]  # the real-world figure: `dvc metrics diff` tracks it
+    assert "accuracy" in files["metrics/handwriting.json"]["data"]["handwriting"]  # the real-world figure: `dvc metrics diff` tracks it
+    check = files["metrics/ood.json"]["data"]["digit_check"]  # the digit verdict's figures, tracked the same way
+    assert set(check["heldout"]) == {"letters_symbols", "doodles", "noise_blank", "clothing"}
+    assert check["accepted"]["validation_digits"] >= 0.995
     rendered = dvc("plots", "show", "--json", project=tiny_project).stdout
     assert "metrics/confusion.csv" in rendered and "training curves" in rendered
+
+
+def test_the_readme_exp_show_example_shows_the_named_columns(tiny_project):
+    """The README's `dvc exp show --only-changed --drop ... --keep ...` line, run as written."""
+    import re
+    import shlex
+    import subprocess
+
+    readme = (tiny_project / "README.md").read_text()
+    line = re.search(r"^dvc exp show --only-changed .*\\\n  --keep .*$", readme, re.MULTILINE).group(0)
+    command = shlex.split(line.replace("\\\n", " ")) + ["--no-pager", "--md"]
+    shown = subprocess.run(command, cwd=tiny_project, env={**project_env(tiny_project), "COLUMNS": "400"},
+                           capture_output=True, text=True, timeout=120, check=True).stdout
+    header = [cell.strip() for cell in shown.splitlines()[0].strip("|").split("|")]
+    assert header[:5] == ["Experiment", "test.accuracy", "handwriting.accuracy", "digit_check.accepted.test_digits",
+                          "digit_check.rejected_heldout"], header
+    assert {"train.epochs", "train.preset"} <= set(header)
 
 
 def test_logged_model_loads_back_and_predicts(tiny_project, mnist_npz):
