@@ -138,7 +138,7 @@ def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> 
         raise BadRequest(f"content type {media_type or 'none'!r} is not supported; send "
                          "Content-Type: application/json", status=415)
     payload = read_json(body)
-    verdict, scale = request_options(payload) if isinstance(payload, dict) else (True, SCALES[0])
-    images = as_images(images_field(payload), max_images, scale, may_hold_booleans=b"true" in body or b"false" in body)
-    return images, verdict
+    value = images_field(payload)  # refuses anything but a JSON object first
+    verdict, scale = request_options(payload)
+    return as_images(value, max_images, scale, may_hold_booleans=b"true" in body or b"false" in body), verdict
 

@@ -65,26 +65,29 @@ def mixed_pictures(mnist: Path, folder: Path) -> list[Path]:
     return paths
 
 
-class Server:
-    """`python -m pipeline serve` on a free loopback port, against the test store."""
+READY_PATHS = {"serve": "/ping", "web": "/healthz"}
 
-    def __init__(self, model: str, store_uri: str, log: Path, *options: str) -> None:
+
+class Server:
+    """`python -m pipeline serve` (or `web`) on a free loopback port, against the test store."""
+
+    def __init__(self, model: str, store_uri: str, log: Path, *options: str, command: str = "serve") -> None:
         self.port = free_port()
         env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
         with open(log, "w") as stream:
-            self.process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model", model,
+            self.process = subprocess.Popen([sys.executable, "-m", "pipeline", command, "--model", model,
                                              "--port", str(self.port), *options], cwd=REPO, env=env, stdout=stream,
                                             stderr=subprocess.STDOUT)
         self.log = log
         deadline = time.monotonic() + 60
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ping", timeout=2).close()
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}{READY_PATHS[command]}", timeout=2).close()
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    pytest.fail(f"serve did not start:\n{log.read_text()}")
+                    pytest.fail(f"{command} did not start:\n{log.read_text()}")
                 time.sleep(0.2)
 
     def invoke(self, payload: dict) -> tuple[int, dict]:
@@ -265,25 +268,13 @@ def test_the_page_says_plainly_when_a_picture_is_not_a_digit(store, tmp_path):
     from tests.serving.test_web import browser_or_skip, start_browser
 
     browser_or_skip()
-    star = tmp_path / "square.png"  # a filled square: rejected by any verdict (the tiny model's may pass a star)
-    Image.open(io.BytesIO(canvas([(x, y) for x in range(100, 180) for y in range(100, 180)]))).save(star)
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["uri"], "TF_CPP_MIN_LOG_LEVEL": "3"}
-    with open(tmp_path / "web.log", "w") as log:
-        web = subprocess.Popen([sys.executable, "-m", "pipeline", "web", "--model", WITH_VERDICT, "--port", str(port)],
-                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    square = tmp_path / "square.png"  # a filled square: rejected by any verdict (the tiny model's may pass a star)
+    Image.open(io.BytesIO(canvas([(x, y) for x in range(100, 180) for y in range(100, 180)]))).save(square)
+    web = Server(WITH_VERDICT, store["uri"], tmp_path / "web.log", command="web")
     driver = start_browser()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).close()
-                break
-            except OSError:
-                assert web.poll() is None and time.monotonic() < deadline, (tmp_path / "web.log").read_text()
-                time.sleep(0.3)
-        driver.get(f"http://127.0.0.1:{port}")
-        driver.find_element("id", "file").send_keys(str(star))
+        driver.get(f"http://127.0.0.1:{web.port}")
+        driver.find_element("id", "file").send_keys(str(square))
         WebDriverWait(driver, 30).until(lambda d: d.find_element("id", "verdict").is_displayed())
         assert driver.find_element("id", "verdict").text == "This does not look like a digit."
         assert "closest" in driver.find_element("id", "label").get_attribute("class")
@@ -291,8 +282,7 @@ def test_the_page_says_plainly_when_a_picture_is_not_a_digit(store, tmp_path):
         driver.save_screenshot(os.environ.get("WEB_VERDICT_SCREENSHOT", "/tmp/web-not-a-digit.png"))
     finally:
         driver.quit()
-        web.terminate()
-        web.wait(timeout=10)
+        web.stop()
 
 
 def test_serve_answers_each_status_with_mlflows_error_code(tracking, tmp_path):
