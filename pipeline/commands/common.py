@@ -58,3 +58,29 @@ def params_option() -> argparse.ArgumentParser:
 
 def parser(command: str, description: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"python -m pipeline {command}", description=description, parents=list(parents))
+
+
+def monitor_settings(storage: str | None = None, params_file: str = PARAMS_FILE):
+    """params.yaml's `monitor` section (the prediction log's store and knobs), its storage replaced by
+    `storage` (--log-storage) when given; None outside a project."""
+    from pipeline.core.config import load_params, parse_params
+    from pipeline.core.paths import resolve_in_project
+
+    path = resolve_in_project(params_file)
+    if not path.is_file():
+        return None
+    params = load_params(path)
+    if storage is None:
+        return params.monitor
+    raw = params.model_dump()
+    raw["monitor"]["storage"] = storage
+    return parse_params(raw).monitor
+
+
+def log_options(command: argparse.ArgumentParser) -> None:
+    """--no-log and --log-storage, for the servers that write the prediction log."""
+    command.add_argument("--no-log", action="store_true",
+                         help="record nothing: no prediction log, no prediction ids in answers, no /feedback")
+    command.add_argument("--log-storage", metavar="URL",
+                         help="the prediction log's store, a SQLite or PostgreSQL URL (default: monitor.storage "
+                         "in params.yaml)")

@@ -9,6 +9,8 @@ from pipeline.commands.common import address_options, model_option, non_negative
 from pipeline.commands.common import parser as command_parser
 from pipeline.core.errors import exit_on_user_error
 from pipeline.core.runtime import setup_logging
+from pipeline.commands.common import log_options, monitor_settings
+from pipeline.monitoring.log import describe_log, open_log
 from pipeline.registry.store import champion_uri
 from pipeline.serving.classifier import load_classifier
 from pipeline.serving.following import DEFAULT_REFRESH_S, AliasFollower
@@ -42,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--refresh-s", type=non_negative(float), default=DEFAULT_REFRESH_S,
                         help="with an alias (models:/<name>@champion), look this often for the version it names "
                         f"and switch to it; 0: never (default: {DEFAULT_REFRESH_S:g})")
+    log_options(parser)
     parser.add_argument("--no-digit-verdict", action="store_true",
                         help="skip the digit check: answers carry no is_digit (the check costs little; see bench serve)")
     return parser.parse_args(argv)
@@ -60,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return model.without_verdict("the digit check is turned off (--no-digit-verdict)") if args.no_digit_verdict else model
 
     model = AliasFollower(uri, args.refresh_s, load_classifier, adapt)
+    prediction_log = open_log(monitor_settings(args.log_storage), enabled=not args.no_log)
     app = build_app(model, int(args.max_body_mb * MIB), args.max_images, args.max_concurrent,
-                    args.timeout_s)
+                    args.timeout_s, prediction_log, uri)
     netloc = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     log.info("serving %s at http://%s/invocations; bodies over %g MiB get 413, over %d images 413, "
              "beyond %d concurrent requests 503", uri, netloc, args.max_body_mb, args.max_images,
              args.max_concurrent)
+    log.info("%s", describe_log(prediction_log))
     config = uvicorn.Config(app, log_level="info", access_log=args.access_log,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     uvicorn.Server(config).run(sockets=[server_socket])

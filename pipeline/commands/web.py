@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands.common import address_options, model_option, non_negative, parser
+from pipeline.commands.common import address_options, log_options, model_option, monitor_settings, non_negative, parser
+from pipeline.monitoring.log import describe_log, open_log
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.runtime import setup_logging
 from pipeline.serving.following import DEFAULT_REFRESH_S
@@ -16,6 +17,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     command.add_argument("--refresh-s", type=non_negative(float), default=DEFAULT_REFRESH_S,
                          help="with an alias (models:/<name>@champion), look this often for the version it names "
                          f"and switch to it; 0: never (default: {DEFAULT_REFRESH_S:g})")
+    log_options(command)
     return command.parse_args(argv)
 
 
@@ -23,7 +25,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
-    app = create_app(args.model, refresh_s=args.refresh_s)
+    prediction_log = open_log(monitor_settings(args.log_storage), enabled=not args.no_log)
+    app = create_app(args.model, refresh_s=args.refresh_s, prediction_log=prediction_log)
     warm_up(app)
     import waitress
 
@@ -34,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
         raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
     print(f"serving on http://{args.host}:{args.port}/ (model {app.extensions['mnist_model'].uri}); Ctrl+C stops",
           flush=True)
+    print(describe_log(prediction_log), flush=True)
     try:
         server.run()
     except KeyboardInterrupt:
         pass
+    finally:
+        prediction_log.stop()
     return 0

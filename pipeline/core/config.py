@@ -134,6 +134,38 @@ class TrackingParams(KnownKeysOnly):
     registered_model: str
 
 
+class DriftParams(KnownKeysOnly):
+    """When `python -m pipeline monitor` calls a window of the log drifted (`monitoring.drift`)."""
+
+    alpha: Annotated[float, Field(gt=0.0, lt=1.0)]  # false alarms per window, split over the checks
+    min_window: PositiveInt  # fewer logged answers: no verdict
+    min_feedback: PositiveInt  # fewer labelled answers: no accuracy check
+    min_ks_statistic: Annotated[float, Field(gt=0.0, le=1.0)]  # and a feature moves at least this far
+    min_class_shift: Annotated[float, Field(gt=0.0, le=1.0)]  # the class mix moves at least this far
+    max_confidence_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+    max_nondigit_rise: Annotated[float, Field(ge=0.0, le=1.0)]
+    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class MonitorParams(KnownKeysOnly):
+    """The prediction log `serve` and `web` write, and the drift report over it."""
+
+    storage: str  # SQLAlchemy URL; a relative sqlite:/// path lives in the project
+    store_pixels: bool  # keep each answered picture (784 bytes), so a person can label it later
+    max_rows: PositiveInt  # the oldest answers without feedback go beyond this
+    queue_rows: PositiveInt  # answers waiting for the writer; beyond this they are dropped and counted
+    experiment: str  # the MLflow experiment of the drift reports
+    drift: DriftParams
+
+    @field_validator("storage")
+    @classmethod
+    def _supported_store(cls, storage: str) -> str:
+        if not storage.startswith(("sqlite:///", *LOCK_URL_PREFIXES)):  # the URL may hold a password: not repeated
+            raise ValueError("must be a SQLite URL (sqlite:///monitoring/predictions.db) or a PostgreSQL URL "
+                             "such as postgresql+psycopg://user@db-host/monitoring")
+        return storage
+
+
 class FloatRange(KnownKeysOnly):
     low: float
     high: float
@@ -287,6 +319,7 @@ class Params(KnownKeysOnly):
     promote: PromoteParams
     tracking: TrackingParams
     tune: TuneParams
+    monitor: MonitorParams
     presets: dict[str, Recipe]
     paths: PathsParams
 

@@ -142,3 +142,36 @@ def parse_invocation(body: bytes, content_type: str | None, max_images: int) -> 
     verdict, scale = request_options(payload)
     return as_images(value, max_images, scale, may_hold_booleans=b"true" in body or b"false" in body), verdict
 
+
+
+MAX_FEEDBACK_BYTES = 1024  # {"id": "<32 hex>-<n>", "label": "not-digit"} is under 80
+FEEDBACK_EXAMPLE = '{"id": "<an id from prediction_ids>", "label": 7}  (or "label": "not-digit")'
+
+
+def parse_feedback(body: bytes, content_type: str | None) -> tuple[str, int]:
+    """The prediction id and label (0-9, or log.NOT_A_DIGIT) of a /feedback request body."""
+    from pipeline.monitoring.log import PREDICTION_ID, parse_feedback_label
+
+    if len(body) > MAX_FEEDBACK_BYTES:
+        raise BadRequest(f"feedback bodies are at most {MAX_FEEDBACK_BYTES} bytes; send {FEEDBACK_EXAMPLE}", status=413)
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise BadRequest(f"content type {media_type or 'none'!r} is not supported; send "
+                         "Content-Type: application/json", status=415)
+    payload = read_json(body)
+    if not isinstance(payload, dict) or set(payload) != {"id", "label"}:
+        raise BadRequest(f"feedback must be a JSON object with exactly the keys id and label; send {FEEDBACK_EXAMPLE}")
+    prediction_id = payload["id"]
+    if not isinstance(prediction_id, str) or not PREDICTION_ID.match(prediction_id):
+        raise BadRequest(f'"id" is not a prediction id; send one from an answer\'s prediction_ids: {FEEDBACK_EXAMPLE}')
+    try:
+        return prediction_id, parse_feedback_label(payload["label"])
+    except ValueError as problem:
+        raise BadRequest(str(problem)) from None
+
+
+def label_name(label: int) -> int | str:
+    """A stored feedback label as clients write it: the digit, or "not-digit"."""
+    from pipeline.monitoring.log import NOT_A_DIGIT
+
+    return "not-digit" if label == NOT_A_DIGIT else label

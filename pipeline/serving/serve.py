@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -173,9 +174,14 @@ def mlflow_version() -> str:
 
 
 def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
-              max_concurrent: int = DEFAULT_MAX_CONCURRENT, timeout_s: float = DEFAULT_TIMEOUT_S) -> ASGIApp:
+              max_concurrent: int = DEFAULT_MAX_CONCURRENT, timeout_s: float = DEFAULT_TIMEOUT_S,
+              prediction_log: Any = None, model_uri: str = "") -> ASGIApp:
     """The scoring app: MLflow's routes over `model.answer` (a `served.ServedModel`), micro-batched,
-    with limits."""
+    with limits; every answer goes to `prediction_log` (`monitoring.log`; None: not logged)."""
+    from pipeline.monitoring.log import LogOff
+
+    prediction_log = prediction_log or LogOff("not configured")
+    logged = not isinstance(prediction_log, LogOff)
     from contextlib import asynccontextmanager
 
     from starlette.applications import Starlette
@@ -185,7 +191,8 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
     from starlette.routing import Route
 
     from pipeline.serving.batching import MicroBatcher
-    from pipeline.serving.contract import BadRequest, parse_invocation
+    from pipeline.monitoring.log import Entry, StoreUnavailable, UnknownPrediction, new_request_id, prediction_ids
+    from pipeline.serving.contract import BadRequest, label_name, parse_feedback, parse_invocation
 
     batcher = MicroBatcher(model.answer, max_images)
 
@@ -193,13 +200,32 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
         return Response(error_body(status, message), status_code=status, media_type="application/json")
 
     async def predict(request: Request) -> Response:
+        started = time.perf_counter()
         images, with_verdict = parse_invocation(await request.body(), request.headers.get("content-type"), max_images)
         answers = await batcher(images)
         body = {"predictions": answers.probabilities.tolist()}
         if with_verdict and answers.is_digit is not None:
             body["is_digit"] = answers.is_digit.tolist()
         headers = {} if answers.version is None else {VERSION_HEADER: answers.version}
+        if logged:
+            request_id = new_request_id()
+            body["prediction_ids"] = prediction_ids(request_id, len(answers))
+            prediction_log.record(Entry(time.time(), request_id, "serve", model_uri, answers.version, images,
+                                        answers.probabilities, answers.is_digit, answers.scores,
+                                        (time.perf_counter() - started) * 1000))
         return Response(json.dumps(body), media_type="application/json", headers=headers)
+
+    async def feedback(request: Request) -> Response:
+        try:
+            prediction_id, label = parse_feedback(await request.body(), request.headers.get("content-type"))
+            await asyncio.to_thread(prediction_log.save_feedback, prediction_id, label)
+        except BadRequest as problem:
+            return error(problem.status, str(problem))
+        except UnknownPrediction:
+            return error(404, "no logged prediction has this id; send an id from an answer's prediction_ids")
+        except StoreUnavailable as problem:
+            return error(503, str(problem))
+        return Response(json.dumps({"id": prediction_id, "label": label_name(label)}), media_type="application/json")
 
     async def invocations(request: Request) -> Response:
         try:
@@ -218,6 +244,11 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
     async def ping(_: Request) -> Response:
         return Response("\n", media_type="application/json")
 
+    async def health(_: Request) -> Response:
+        loaded = getattr(model, "version", None)
+        return Response(json.dumps({"status": "ok", "model": model_uri, "model_version": loaded,
+                                    "prediction_log": prediction_log.stats()}), media_type="application/json")
+
     async def version(_: Request) -> Response:
         return Response(mlflow_version(), media_type="application/json")
 
@@ -233,10 +264,12 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
         if hasattr(model, "stop"):
             model.stop()
         await batcher.stop()
+        await asyncio.to_thread(prediction_log.stop)
 
     app = Starlette(
         routes=[Route("/invocations", invocations, methods=["POST"]), Route("/ping", ping, methods=["GET"]),
-                Route("/health", ping, methods=["GET"]), Route("/version", version, methods=["GET"])],
+                Route("/health", health, methods=["GET"]), Route("/version", version, methods=["GET"]),
+                Route("/feedback", feedback, methods=["POST"])],
         exception_handlers={HTTPException: http_error}, lifespan=lifespan,
     )
     app.state.batcher = batcher

@@ -4,7 +4,8 @@
 
 POST /api/predict takes a multipart upload (field `image`) or JSON
 {"image": "data:image/png;base64,..."} and answers {label, confidence, probabilities, is_digit,
-digit_score} (the last two only for a model registered with its digit verdict);
+digit_score, model_version, prediction_id} (the verdict's two only for a model registered with it,
+the id only while the prediction log is on); POST /feedback {"id", "label"} labels an answer;
 problems are answered as JSON {"error": "..."} with status 400, 413 or 503. The page runs on
 waitress (a production WSGI server); at most MAX_DECODES pictures are decoded at once (503 beyond),
 and pictures over images.MAX_PIXELS are refused before they are decoded.
@@ -19,6 +20,7 @@ import json
 import logging
 import re
 import threading
+import time
 from typing import Any
 
 from flask import Flask, jsonify, render_template, request
@@ -29,7 +31,10 @@ from pipeline.registry.store import champion_uri
 from pipeline.serving.images import ImageError, prepare_image, read_image
 from pipeline.serving.classifier import load_classifier
 from pipeline.serving.following import AliasFollower
+from pipeline.monitoring.log import Entry, LogOff, StoreUnavailable, UnknownPrediction, new_request_id, prediction_ids
+from pipeline.serving.contract import MAX_FEEDBACK_BYTES, BadRequest, label_name, parse_feedback
 from pipeline.serving.predict import describe
+from pipeline.serving.served import Answers
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +75,13 @@ class LazyModel:
                 self._model.start()
             return self._model
 
-    def predict(self, pixels: Any) -> dict[str, Any]:
-        """The JSON answer for one picture (28, 28); without a verdict, `digit_check` says why."""
+    def predict(self, pixels: Any) -> tuple[Answers, dict[str, Any]]:
+        """The answers for one picture (28, 28), and its JSON; without a verdict, `digit_check` says why."""
         model = self.get()
         with self._lock:  # Keras models are not documented as safe for concurrent calls
-            answer = describe(model.answer(pixels[None]), 0)
-        return answer if "is_digit" in answer else {**answer, "digit_check": model.missing_verdict}
+            answers = model.answer(pixels[None])
+        answer = describe(answers, 0)
+        return answers, answer if "is_digit" in answer else {**answer, "digit_check": model.missing_verdict}
 
 
 def decode_data_url(value: Any) -> bytes:
@@ -120,11 +126,15 @@ def image_bytes_from_request() -> tuple[bytes, str]:
 
 
 def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_decodes: int = MAX_DECODES, refresh_s: float = 0.0) -> Flask:
+               max_decodes: int = MAX_DECODES, refresh_s: float = 0.0, prediction_log: Any = None) -> Flask:
     """The web app; the model (by default the project's champion) is loaded at the first prediction
-    (or by `warm_up`), and from then on follows its alias every `refresh_s` seconds (0: never)."""
+    (or by `warm_up`), and from then on follows its alias every `refresh_s` seconds (0: never). Every
+    answer goes to `prediction_log` (`monitoring.log`; None: not logged)."""
     model_uri = model_uri or champion_uri()
+    prediction_log = prediction_log or LogOff("not configured")
+    logged = not isinstance(prediction_log, LogOff)
     app = Flask(__name__)
+    app.extensions["prediction_log"] = prediction_log
     app.config["MAX_CONTENT_LENGTH"] = max_upload_bytes
     app.config["MAX_FORM_MEMORY_SIZE"] = max_upload_bytes
     app.extensions["mnist_model"] = LazyModel(model_uri, refresh_s)
@@ -139,10 +149,12 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
     def health() -> Any:
         model: LazyModel = app.extensions["mnist_model"]
         return jsonify(status="ok", model=model.uri, loaded=model.loaded,
-                       **({"version": model.get().version} if model.loaded else {}))
+                       **({"version": model.get().version} if model.loaded else {}),
+                       prediction_log=prediction_log.stats())
 
     @app.post("/api/predict")
     def predict() -> Any:
+        started = time.perf_counter()
         data, name = image_bytes_from_request()
         if not data:
             raise BadUpload(f"{name} is empty; {USAGE}")
@@ -155,7 +167,31 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
         finally:
             decode_slots.release()
         model: LazyModel = app.extensions["mnist_model"]
-        return jsonify(model.predict(pixels))
+        answers, answer = model.predict(pixels)
+        if logged:
+            request_id = new_request_id()
+            answer["prediction_id"] = prediction_ids(request_id, 1)[0]
+            prediction_log.record(Entry(time.time(), request_id, "web", model.uri, answers.version, pixels[None],
+                                        answers.probabilities, answers.is_digit, answers.scores,
+                                        (time.perf_counter() - started) * 1000))
+        return jsonify(answer)
+
+    @app.post("/feedback")
+    def feedback() -> Any:
+        if (request.content_length or 0) > MAX_FEEDBACK_BYTES:
+            raise BadRequest(f"feedback bodies are at most {MAX_FEEDBACK_BYTES} bytes", status=413)
+        prediction_id, label = parse_feedback(request.get_data(cache=False), request.content_type)
+        try:
+            prediction_log.save_feedback(prediction_id, label)
+        except UnknownPrediction:
+            return jsonify(error="no logged prediction has this id; send the prediction_id of an answer"), 404
+        except StoreUnavailable as error:
+            return jsonify(error=str(error)), 503
+        return jsonify(id=prediction_id, label=label_name(label))
+
+    @app.errorhandler(BadRequest)
+    def bad_feedback(error: BadRequest) -> Any:
+        return jsonify(error=str(error)), error.status
 
     @app.errorhandler(BadUpload)
     def bad_upload(error: BadUpload) -> Any:

@@ -120,8 +120,13 @@ def store(tiny_model_path, mnist_file, tmp_path_factory):
     return {"env": {**env, "MLFLOW_TRACKING_URI": uri, "TF_CPP_MIN_LOG_LEVEL": "3"}, "folder": folder}
 
 
+def log_in(store) -> list[str]:
+    """The servers log every answer, hostile ones included, to a store in the test's folder."""
+    return ["--log-storage", f"sqlite:///{store['folder'] / 'predictions.db'}"]
+
+
 def start_serve(store, *flags: str) -> Running:
-    command = [sys.executable, "-m", "pipeline", "serve", "--model", f"models:/{MODEL}/1", *flags]
+    command = [sys.executable, "-m", "pipeline", "serve", "--model", f"models:/{MODEL}/1", *log_in(store), *flags]
     return Running(command, store["env"], store["folder"] / f"serve-{time.monotonic_ns()}.log", "/ping")
 
 
@@ -134,7 +139,7 @@ def served(store):
 
 @pytest.fixture(scope="module")
 def web(store):
-    command = [sys.executable, "-m", "pipeline", "web", "--model", f"models:/{MODEL}/1"]
+    command = [sys.executable, "-m", "pipeline", "web", "--model", f"models:/{MODEL}/1", *log_in(store)]
     server = Running(command, store["env"], store["folder"] / "web.log", "/healthz")
     yield server
     server.stop()

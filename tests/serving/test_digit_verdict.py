@@ -73,6 +73,8 @@ class Server:
 
     def __init__(self, model: str, store_uri: str, log: Path, *options: str, command: str = "serve") -> None:
         self.port = free_port()
+        if "--no-log" not in options and "--log-storage" not in options:  # never into the checkout's monitoring/
+            options = (*options, "--log-storage", f"sqlite:///{log.parent / 'predictions.db'}")
         env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
         with open(log, "w") as stream:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline", command, "--model", model,
@@ -167,7 +169,8 @@ def test_serve_leaves_is_digit_out_when_the_request_asks(tracking, mnist_file, t
     finally:
         server.stop()
     assert with_key[0] == 200 and with_key[1]["is_digit"] == [True]
-    assert without == (200, {"predictions": with_key[1]["predictions"]})  # exactly MLflow's answer
+    assert without[0] == 200 and without[1]["predictions"] == with_key[1]["predictions"]  # MLflow's answer ...
+    assert set(without[1]) == {"predictions", "prediction_ids"}  # ... and the log's ids, for feedback
     assert wrong[0] == 400 and "params.digit_verdict must be true or false" in wrong[1]["message"]
 
 
@@ -191,7 +194,7 @@ def test_a_version_registered_before_verdicts_serves_without_is_digit(tracking, 
         status, served = server.invoke({"inputs": [prepare_image(read_image(paths[0])).tolist()]})
     finally:
         server.stop()
-    assert status == 200 and set(served) == {"predictions"}
+    assert status == 200 and set(served) == {"predictions", "prediction_ids"}
     assert NO_VERDICT_NOTE in (tmp_path / "serve.log").read_text()
 
 

@@ -190,7 +190,7 @@ def server(tiny_model_path, tmp_path_factory):
     with open(log, "w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "web", "--host", "127.0.0.1", "--port", str(port),
-             "--model", str(tiny_model_path)],
+             "--model", str(tiny_model_path), "--log-storage", f"sqlite:///{log.parent / 'predictions.db'}"],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
         )
     url = f"http://127.0.0.1:{port}"
