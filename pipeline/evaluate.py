@@ -4,7 +4,7 @@ MLflow run, register the model with its verdict, and promote it to champion when
 current one.
 
 Writes the DVC metrics (`paths.metrics`, `paths.per_class`, `paths.handwriting`, `paths.ood`), the
-verdict (`paths.verdict`), the confusion rows for DVC's confusion template (`paths.confusion`) and
+verdict (`paths.verdict`), the drift reference (`paths.monitor_reference`), the confusion rows for DVC's confusion template (`paths.confusion`) and
 the figures under `figures/`.
 """
 
@@ -46,6 +46,14 @@ def read_run_record(path: Path) -> dict:
     return record
 
 
+def drift_reference(model, validation):
+    """What `monitor` compares the log with: the validation split as the served model answers it."""
+    from pipeline.monitoring.reference import reference_sample
+
+    answers = model.answer(validation.x)
+    return reference_sample(validation.x, validation.y, answers.probabilities, answers.is_digit)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
@@ -60,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.registry.store import promote, register
     from pipeline.core.data import load_split, split_digest
     from pipeline.core.scoring import classification_metrics, load_keras_model, make_scorer, predict_probabilities
+    from pipeline.monitoring.reference import REFERENCE_TAGS, save_reference
     from pipeline.serving.classifier import verify_logged_model
+    from pipeline.serving.served import ServedModel
     from pipeline.serving.handwriting import predict_folder, prediction_sheet, prepared_pixels, score
 
     paths = params.paths
@@ -77,21 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     pictures = predict_folder(model, paths.handwriting_set)
     handwriting = score(pictures)
     model_file_tags, served = verify_logged_model(record["model_uri"], test.x, probabilities)  # the served copy agrees
-    train = load_split(paths.train_split)
+    train, validation = load_split(paths.train_split), load_split(paths.val_split)
     state, ood_report = ood.fit_and_report(served.outputs, classifier_head(model).get_weights(), params.evaluate,
-                                           params.seed, (train.x, train.y), load_split(paths.val_split).x, test.x,
+                                           params.seed, (train.x, train.y), validation.x, test.x,
                                            prepared_pixels(paths.handwriting_set))
+    reference = drift_reference(ServedModel(served, state), validation)
 
     plots.use_file_backend()
     with staged_outputs() as staging:
         evaluation.write_metrics(staging.path, paths, test, probabilities, metrics, handwriting, ood_report)
         verdict_tags = evaluation.save_verdict(staging.path(paths.verdict), state)
+        reference_tags = save_reference(reference, staging.path(paths.monitor_reference))
         evaluation.draw_figures(staging.path, paths, test, probabilities, metrics, history,
                                 prediction_sheet(pictures, paths.handwriting_set), params.evaluate.misclassified_shown)
         with mlflow.start_run(run_id=record["run_id"]):
             evaluation.log_evaluation(staging.path, paths, test, metrics, handwriting, ood_report, verdict_tags)
+            evaluation.log_tagged_file(staging.path(paths.monitor_reference), reference_tags[REFERENCE_TAGS["file"]])
             version_tags = evaluation.version_tags(metrics, handwriting["accuracy"], digest, len(test), record,
-                                                   {**model_file_tags, **verdict_tags, **ood.version_tags(ood_report)},
+                                                   {**model_file_tags, **verdict_tags, **reference_tags,
+                                                    **ood.version_tags(ood_report)},
                                                    mlflow.get_run(record["run_id"]).data.tags)
             version = register(record["model_uri"], params.tracking.registered_model, record["run_id"], version_tags)
             decision = promote(params.tracking.registered_model, str(version.version), params.promote.margin, digest,

@@ -265,6 +265,7 @@ class PathsParams(KnownKeysOnly):
     handwriting_figure: str
     verdict: str
     ood: str
+    monitor_reference: str
 
     INPUTS: ClassVar[frozenset[str]] = frozenset({"handwriting_set"})  # only read; every other path is some stage's output
 

@@ -99,11 +99,17 @@ def log_evaluation(place: Place, paths, test: Split, metrics: dict, handwriting:
 
 def log_verdict(path: Path, verdict_tags: dict[str, str]) -> None:
     """The verdict file `save_verdict` wrote, as the active run's artifact its tags name."""
-    import mlflow
-
     from pipeline.core.verdict import VERDICT_TAGS
 
-    mlflow.log_artifact(str(path), str(Path(verdict_tags[VERDICT_TAGS["file"]]).parent))
+    log_tagged_file(path, verdict_tags[VERDICT_TAGS["file"]])
+
+
+def log_tagged_file(path: Path, artifact: str) -> None:
+    """A file registered with the version (verdict, drift reference), as the active run's artifact at
+    `artifact` (the path its version tag names)."""
+    import mlflow
+
+    mlflow.log_artifact(str(path), str(Path(artifact).parent))
 
 
 def version_tags(metrics: dict, handwriting_accuracy: float, test_digest: str, test_images: int, train_record: dict,

@@ -27,8 +27,6 @@ trip) and applies with numpy alone.
 
 from __future__ import annotations
 
-import io
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -37,6 +35,7 @@ import numpy as np
 
 from pipeline.core.config import VERDICT_METHODS as METHODS
 from pipeline.core.data import IMAGE_SIDE
+from pipeline.core.hashing import write_stable_npz
 
 COMBINED_INPUTS = ("energy", "mahalanobis", "conv_mahalanobis", "log_msp", "ink_fraction", "ink_mean",
                    "box_height", "box_width")
@@ -267,11 +266,7 @@ def save_state(state: VerdictState, target: str | Path | BinaryIO) -> None:
     arrays = {"method": np.array(state.method), "threshold": np.array(state.threshold, dtype=np.float64),
               "target_acceptance": np.array(state.target_acceptance, dtype=np.float64),
               **{name: np.asarray(getattr(state, name), dtype=np.float64) for name in ARRAYS}}
-    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as archive:
-        for name, array in arrays.items():
-            member = io.BytesIO()
-            np.lib.format.write_array(member, array, allow_pickle=False)
-            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), member.getvalue())
+    write_stable_npz(arrays, target)
 
 
 def load_state(path: str | Path) -> VerdictState:

@@ -24,11 +24,11 @@ import numpy as np
 
 from pipeline.core.errors import PipelineError, first_line, redact
 from pipeline.core.paths import sqlite_file
+from pipeline.monitoring.drift import NOT_A_DIGIT, Sample
 from pipeline.monitoring.features import FEATURES, as_pixels, input_features
 
 log = logging.getLogger("pipeline.monitoring.log")
 
-NOT_A_DIGIT = 10  # the label stored for feedback "not a digit" (digits are 0-9)
 FEEDBACK_LABELS = {**{str(digit): digit for digit in range(10)}, "not-digit": NOT_A_DIGIT}
 DROP_REPORT_S = 60.0  # at most one log line this often about dropped rows
 RECONNECT_S = 2.0  # a writer whose store failed tries again after this long
@@ -441,3 +441,12 @@ def read_rows(engine, since: float | None = None, last: int | None = None, versi
         frame = pd.read_sql(query, connection)
     frame["feedback"] = frame["feedback"].fillna(-1).astype(int)
     return frame.iloc[::-1].reset_index(drop=True)
+
+
+def window_sample(rows) -> Sample:
+    """Logged rows (`read_rows`) as the drift checks read them; `is_digit` None unless every row has one."""
+    verdicts = rows["is_digit"]
+    is_digit = None if len(rows) == 0 or verdicts.isna().any() else verdicts.astype(bool).to_numpy()
+    return Sample(rows[list(FEATURES)].to_numpy(np.float64).reshape(-1, len(FEATURES)),
+                  rows["label"].to_numpy(np.int64), rows["confidence"].to_numpy(np.float64), is_digit,
+                  rows["feedback"].to_numpy(np.int64))

@@ -59,6 +59,7 @@ def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path, ve
     from pipeline.core.data import as_model_input
     from pipeline.core.model import model_signature
     from pipeline.serving.classifier import KerasClassifier, verify_logged_model
+    from pipeline.serving.served import ServedModel
 
     tracking.configure_tracking()
     model = keras.saving.load_model(model_path)
@@ -79,8 +80,28 @@ def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path, ve
             verdict_tags = evaluation.save_verdict(path, state)
             evaluation.log_verdict(path, verdict_tags)
             tags.update(verdict_tags, **ood.version_tags(report))
+            tags.update(log_reference(ServedModel(served, state), artifacts, mnist))
     registry.register(info.model_uri, name, run.info.run_id, tags)
     return run.info.run_id
+
+
+REFERENCE_IMAGES = 2000  # the last training images: the tiny model never saw them
+
+
+def log_reference(model, artifacts: Path, mnist: Path) -> dict[str, str]:
+    """The drift reference `evaluate` registers, from held-out digits, logged to the active run; its tags."""
+    from pipeline.core.data import Split
+    from pipeline.core.evaluation import log_tagged_file
+    from pipeline.evaluate import drift_reference
+    from pipeline.monitoring.reference import REFERENCE_TAGS, save_reference
+
+    with np.load(mnist) as data:
+        held_out = Split(data["x_train"][-REFERENCE_IMAGES:], data["y_train"][-REFERENCE_IMAGES:])
+    path = artifacts.parent / f"{artifacts.name}-reference" / "monitor_reference.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tags = save_reference(drift_reference(model, held_out), path)
+    log_tagged_file(path, tags[REFERENCE_TAGS["file"]])
+    return tags
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,3 +171,109 @@ def test_web_logs_each_picture_and_takes_feedback_for_it(store, digits, tmp_path
         assert client.get("/healthz").get_json()["prediction_log"]["written"] == 1
     finally:
         log.stop()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_the_page_asks_wrong_and_stores_the_users_answer(store, digits, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.serving.test_web import browser_or_skip, start_browser
+
+    browser_or_skip()
+    x, y = digits
+    picture = tmp_path / "digit.png"
+    picture.write_bytes(png(x[0]))
+    database = tmp_path / "predictions.db"
+    web = Server(MODEL, store["uri"], tmp_path / "web.log", "--log-storage", f"sqlite:///{database}", command="web")
+    driver = start_browser()
+    try:
+        driver.get(f"http://127.0.0.1:{web.port}")
+        assert not driver.find_element("id", "feedback").is_displayed()  # nothing to correct yet
+        driver.find_element("id", "file").send_keys(str(picture))
+        WebDriverWait(driver, 30).until(lambda d: d.find_element("id", "feedback").is_displayed())
+        assert driver.find_element("css selector", "#feedback .ask").text == "Wrong? It is a …"
+        driver.find_element("css selector", '#feedback .choice[data-label="not-digit"]').click()
+        WebDriverWait(driver, 10).until(lambda d: d.find_element("id", "thanks").is_displayed())
+        driver.find_element("css selector", '#feedback .choice[data-label="4"]').click()  # changes the answer
+        WebDriverWait(driver, 10).until(lambda d: "noted as 4" in d.find_element("id", "thanks").text)
+        driver.save_screenshot(os.environ.get("WEB_FEEDBACK_SCREENSHOT", "/tmp/web-feedback.png"))
+    finally:
+        driver.quit()
+        web.stop()
+    rows = read_rows(make_engine(f"sqlite:///{database}"))
+    assert len(rows) == 1 and rows["feedback"][0] == 4 and rows["label"][0] == y[0]
+
+
+def run_monitor(capsys, *argv: str) -> tuple[int, str, dict]:
+    from pipeline.commands.monitor import main
+
+    try:
+        status = main(list(argv))
+    except SystemExit as stop:
+        status = stop.code
+    out = capsys.readouterr()
+    drift = Path("monitoring/drift.json")
+    return status, out.out + out.err, json.loads(drift.read_text()) if drift.is_file() else {}
+
+
+def test_monitor_passes_normal_traffic_and_fails_thick_strokes_naming_the_feature(store, mnist_file, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from scipy.ndimage import grey_dilation
+
+    from tests.serving.fixtures import REPO
+
+    project = tmp_path / "project"  # monitor writes monitoring/ where it runs: a scratch project, not the checkout
+    project.mkdir()
+    (project / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    database = project / "monitoring" / "predictions.db"
+    with np.load(mnist_file) as data:  # drawn over the whole test set: its halves come from different writers
+        drawn = data["x_test"][np.random.default_rng(0).permutation(len(data["x_test"]))[:600]]
+    normal, thick = drawn[:300], grey_dilation(drawn[300:], size=(1, 3, 3))
+    server = Server(MODEL, store["uri"], tmp_path / "serve.log", "--log-storage", f"sqlite:///{database}")
+    try:
+        assert server.invoke({"inputs": normal.tolist()})[0] == 200
+        time.sleep(1.0)  # the writer's batch lands
+        calm = run_monitor(capsys, "--model", MODEL, "--last", "300")
+        assert server.invoke({"inputs": thick.tolist()})[0] == 200
+        time.sleep(1.0)
+        drifted = run_monitor(capsys, "--model", MODEL, "--last", "300")
+        too_few = run_monitor(capsys, "--model", MODEL, "--last", "50")
+    finally:
+        server.stop()
+    status, out, report = calm
+    assert status == 0 and report["status"] == "ok" and report["n_window"] == 300, out
+    status, out, report = drifted
+    assert status == 1 and report["status"] == "drift", out
+    assert "feature:ink_fraction" in report["failed"] and "feature:ink_fraction" in out.splitlines()[-1]
+    html = (project / "monitoring" / "report.html").read_text()
+    assert "ink_fraction" in html and "http://" not in html and "https://" not in html
+    status, out, report = too_few
+    assert status == 0 and report["status"] == "too_few" and "no verdict" in out
+
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["mnist-monitoring"], order_by=["start_time ASC"])
+    assert list(runs["tags.status"])[-3:] == ["ok", "drift", "too_few"]
+    assert set(runs["tags.model_version"]) == {"1"}
+
+
+def test_monitor_refuses_usage_and_store_errors_in_one_line(store, tmp_path, monkeypatch, capsys):
+    from tests.serving.fixtures import REPO
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    cases = [(["--since", "yesterday"], "is not a duration"),
+             (["--since", "1h", "--last", "5"], "not allowed with argument"),
+             (["--model", MODEL, "--out", "../elsewhere"], "is outside the working folder"),
+             (["--model", MODEL, "--log-storage", "mysql://x@h/db"], "must be a SQLite URL"),
+             (["--model", MODEL, "--log-storage", "postgresql+psycopg://nobody@127.0.0.1:1/none"], "unreachable"),
+             (["--model", f"models:/{NAME}/99"], "")]
+    for argv, phrase in cases:
+        status, out, _ = run_monitor(capsys, *argv)
+        lines = [line for line in out.strip().splitlines() if line.startswith("error") or "error:" in line]
+        assert status == 2 and phrase in out and len(lines) >= 1 and "Traceback" not in out, (argv, out)
+    assert not (tmp_path.parent / "elsewhere").exists()

@@ -13,6 +13,10 @@ const verdictView = document.getElementById("verdict");
 const noteView = document.getElementById("note");
 const versionView = document.getElementById("version");
 const bars = Array.from(document.querySelectorAll("#bars li"));
+const feedbackView = document.getElementById("feedback");
+const thanksView = document.getElementById("thanks");
+const choices = Array.from(document.querySelectorAll("#feedback .choice"));
+let predictionId = null;  // the answer on show, as the server logged it (null: the log is off)
 
 let drawing = false;
 let last = null;
@@ -59,7 +63,45 @@ for (const name of ["pointerup", "pointercancel"]) {
   pad.addEventListener(name, () => { drawing = false; });
 }
 
+function hideFeedback() {
+  predictionId = null;
+  feedbackView.hidden = true;
+  thanksView.hidden = true;
+  choices.forEach((choice) => { choice.disabled = false; choice.classList.remove("chosen"); });
+}
+
+function offerFeedback(id) {
+  hideFeedback();
+  predictionId = id || null;
+  feedbackView.hidden = !predictionId;
+}
+
+async function sendFeedback(choice) {
+  if (!predictionId) return;
+  choices.forEach((other) => { other.disabled = true; other.classList.toggle("chosen", other === choice); });
+  const label = choice.dataset.label;
+  try {
+    const response = await fetch("/feedback", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ id: predictionId, label: label === "not-digit" ? label : Number(label) }),
+    });
+    let answer = null;
+    try { answer = await response.json(); } catch (_) { answer = null; }
+    thanksView.textContent = response.ok
+      ? `Thank you: noted as ${label === "not-digit" ? "not a digit" : label}. You can change it.`
+      : `Not saved: ${(answer && answer.error) || `the server answered ${response.status}`}`;
+  } catch (error) {
+    thanksView.textContent = `Not saved: could not reach the server (${error.message})`;
+  }
+  thanksView.hidden = false;
+  choices.forEach((other) => { other.disabled = false; });
+}
+
+choices.forEach((choice) => choice.addEventListener("click", () => sendFeedback(choice)));
+
 function showError(message) {
+  hideFeedback();
   verdictView.hidden = true;
   labelView.classList.remove("closest");
   errorView.textContent = message;
@@ -83,6 +125,7 @@ function showResult(result) {
     bar.querySelector(".value").textContent = `${(p * 100).toFixed(1)}%`;
     bar.classList.toggle("top", digit === result.label && !notDigit);
   });
+  offerFeedback(result.prediction_id);
 }
 
 async function send(body, headers) {
@@ -116,6 +159,7 @@ predictButton.addEventListener("click", () => {
 
 document.getElementById("clear").addEventListener("click", () => {
   clearPad();
+  hideFeedback();
   errorView.hidden = true;
   verdictView.hidden = true;
   labelView.classList.remove("closest");
