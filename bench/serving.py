@@ -7,8 +7,10 @@ Both servers run side by side on loopback ports, each in its own process group. 
   for `--seconds`; any request not answered 200 counts as lost;
 - peak memory: the resident memory of the server's whole process tree, sampled every 50 ms from
   start-up to the end.
-A third server, the project's with `--no-digit-verdict`, joins the latency rounds (not the
-throughput ones): the digit verdict's cost per request, on and off in the same run.
+Two more servers of the project's join the latency rounds (not the throughput ones): one with
+`--no-digit-verdict` (the digit verdict's cost per request) and one with `--no-log` (the prediction
+log's cost), each on and off in the same run. The project's servers log to a scratch SQLite file, never
+to the project's own log.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pipeline.core.errors import PipelineError
 log = logging.getLogger("bench.serve")
 
 CHAMPION = "champion"
-SERVERS = ("project", "mlflow", "project_no_verdict")
+SERVERS = ("project", "mlflow", "project_no_verdict", "project_no_log")
 THROUGHPUT_SERVERS = ("project", "mlflow")
 CLIENT_COUNTS = (1, 8)
 
@@ -58,11 +60,12 @@ def champion_version(model_name: str) -> str | None:
         return None
 
 
-def server_command(kind: str, uri: str, port: int) -> list[str]:
+def server_command(kind: str, uri: str, port: int, log_storage: str = "") -> list[str]:
     venv_bin = Path(sys.executable).parent  # `mlflow` and the `uvicorn` it starts live next to this Python
     if kind.startswith("project"):
+        logging_options = ["--no-log"] if kind == "project_no_log" else ["--log-storage", log_storage]
         return [sys.executable, "-m", "pipeline", "serve", "--model", uri, "--host", "127.0.0.1", "--port", str(port),
-                *(["--no-digit-verdict"] if kind == "project_no_verdict" else [])]
+                *(["--no-digit-verdict"] if kind == "project_no_verdict" else []), *logging_options]
     return [str(venv_bin / "mlflow"), "models", "serve", "-m", uri, "--env-manager", "local",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
@@ -120,10 +123,10 @@ class Server:
     """A server process (own process group) on a free port, its log in a temporary file, and the
     peak resident memory of its process tree."""
 
-    def __init__(self, kind: str, uri: str, env: dict[str, str]) -> None:
+    def __init__(self, kind: str, uri: str, env: dict[str, str], log_storage: str = "") -> None:
         self.kind, self.port = kind, free_port()
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.process = subprocess.Popen(server_command(kind, uri, self.port), env=env, stdout=self.log,
+        self.process = subprocess.Popen(server_command(kind, uri, self.port, log_storage), env=env, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         self.peak_rss_mib = 0.0
         self.sampling = True
@@ -254,10 +257,12 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
     body = json.dumps({"inputs": image.reshape(1, 28, 28, 1).astype(int).tolist()}).encode()
     servers: dict[str, Server] = {}
     results: dict[str, dict] = {}
+    scratch = tempfile.TemporaryDirectory(prefix="bench-serve-log-")
+    log_storage = f"sqlite:///{Path(scratch.name) / 'predictions.db'}"  # bench traffic stays out of the project's log
     try:
         for kind in SERVERS:
             log.info("starting the %s server for %s", kind, uri)
-            servers[kind] = Server(kind, uri, env)
+            servers[kind] = Server(kind, uri, env, log_storage)
             results[kind] = {"startup_s": round(servers[kind].wait_until_ready(startup_timeout_s), 2)}
         log.info("one-image latency: %d requests per server, alternating", requests)
         for kind, latency in measure_latency({k: s.port for k, s in servers.items()}, body, requests).items():
@@ -271,7 +276,9 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
         for kind, server in servers.items():
             server.stop()
             results.setdefault(kind, {})["peak_rss_mib"] = round(server.peak_rss_mib, 1)
+        scratch.cleanup()
     project, mlflow_, bare = results["project"], results["mlflow"], results["project_no_verdict"]
+    unlogged = results["project_no_log"]
     many = f"throughput_{CLIENT_COUNTS[-1]}_clients"
     return {
         "benchmark": "serve",
@@ -287,8 +294,10 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
             "project_over_mlflow_8_client_throughput": ratio(project[many]["requests_per_s"],
                                                              mlflow_[many]["requests_per_s"]),
             "verdict_on_over_off_latency_p50": ratio(project["latency"]["p50_ms"], bare["latency"]["p50_ms"]),
+            "log_on_over_off_latency_p50": ratio(project["latency"]["p50_ms"], unlogged["latency"]["p50_ms"]),
         },
         "verdict_cost_p50_ms": round(project["latency"]["p50_ms"] - bare["latency"]["p50_ms"], 3),
+        "log_cost_p50_ms": round(project["latency"]["p50_ms"] - unlogged["latency"]["p50_ms"], 3),
     }
 
 
@@ -322,5 +331,7 @@ def serve_markdown(record: dict) -> str:
         f"{number(servers['project_no_verdict']['latency']['p50_ms'], '.3f')} ms off (`--no-digit-verdict`, a third "
         f"server in the same rounds): {record['verdict_cost_p50_ms']:+.3f} ms, "
         f"{times(ratios['verdict_on_over_off_latency_p50'])}. "
+        f"The prediction log: p50 {number(servers['project_no_log']['latency']['p50_ms'], '.3f')} ms with `--no-log`, "
+        f"{record['log_cost_p50_ms']:+.3f} ms for logging ({times(ratios['log_on_over_off_latency_p50'])}). "
         f"{machine_line(record['machine'])}.",
     ])

@@ -25,6 +25,7 @@ COMMANDS = {
     "predict": ("pipeline.commands.predict:main", "predict digits in your own image files"),
     "serve": ("pipeline.commands.serve:main", "serve the champion over MLflow's scoring protocol, with request limits"),
     "web": ("pipeline.commands.web:main", "serve a page to draw or upload a digit"),
+    "feedback": ("pipeline.commands.feedback:main", "export users' labels from the prediction log as DVC-tracked training data"),
     "monitor": ("pipeline.commands.monitor:main", "compare the prediction log with the model's reference: drift report, exit 1 on drift"),
 }
 

@@ -1,7 +1,9 @@
-"""Stage 2: check the raw data and split off a seeded, stratified validation set.
+"""Stage 2: check the raw data, split off a seeded, stratified validation set, and add users' feedback.
 
 Writes the train, val and test split files that `paths` names (see `pipeline.core.data` for the
-format). Pixels stay raw 0-255: scaling lives inside the model.
+format), and users' labelled pictures (`paths.feedback`) split into a part to train on, whose digits
+join the training split, and a holdout part (`paths.feedback_split`). Pixels stay raw 0-255: scaling
+lives inside the model.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from pipeline.core.data import (
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.paths import staged_outputs
 from pipeline.core.runtime import setup_logging
+from pipeline.monitoring import feedback
+from pipeline.monitoring.feedback import FeedbackSet
 
 log = logging.getLogger("pipeline.preprocess")
 
@@ -49,6 +53,21 @@ def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Spl
     train_index, val_index = train_test_split(index, test_size=val_size, stratify=train.y, random_state=seed)
     train_index, val_index = np.sort(train_index), np.sort(val_index)
     return Split(train.x[train_index], train.y[train_index]), Split(train.x[val_index], train.y[val_index])
+
+
+def with_feedback(splits: dict[str, Split], users: FeedbackSet, holdout_share: float) -> tuple[dict[str, Split], tuple]:
+    """Users' labelled pictures split into a training part, whose digits join the training split, and a
+    holdout part; pictures identical to a test image are left out (the test split never changes and
+    must stay unseen). Returns the splits and (training part, holdout part)."""
+    leaked = np.isin(np.array([hashlib.blake2b(x.tobytes(), digest_size=16).digest() for x in users.x], dtype=object),
+                     np.array(list(image_digests(splits["test"].x)), dtype=object)) if len(users) else np.zeros(0, bool)
+    if leaked.any():
+        log.warning("left out %d feedback pictures identical to test images", int(leaked.sum()))
+    train_part, holdout_part = feedback.split(users.take(~leaked), holdout_share)
+    digits = train_part.digits
+    train = splits["train"]
+    joined = Split(np.concatenate([train.x, digits.x]), np.concatenate([train.y, digits.y.astype(train.y.dtype)]))
+    return {**splits, "train": joined}, (train_part, holdout_part)
 
 
 def prepare_splits(raw: dict[str, np.ndarray], params: PreprocessParams, seed: int) -> dict[str, Split]:
@@ -82,11 +101,16 @@ def main(argv: list[str] | None = None) -> int:
         splits = prepare_splits(read_npz(raw_path), params.preprocess, params.seed)
     except ValueError as error:
         raise PipelineError(f"data check failed: {error}; re-fetch with `dvc repro -f fetch`") from None
+    splits, (users_train, users_holdout) = with_feedback(splits, feedback.load(paths.feedback),
+                                                         params.preprocess.feedback_holdout)
     targets = {"train": paths.train_split, "val": paths.val_split, "test": paths.test_split}
     with staged_outputs() as staging:
         for name, split in splits.items():
             save_split(split, staging.path(targets[name]))
-    log.info("wrote %s", ", ".join(f"{name} {len(split)}" for name, split in splits.items()))
+        feedback.save_parts(users_train, users_holdout, staging.path(paths.feedback_split))
+    log.info("wrote %s; users' feedback: %d to train on (%d digits), %d held out", ", ".join(
+        f"{name} {len(split)}" for name, split in splits.items()), len(users_train), len(users_train.digits),
+        len(users_holdout))
     return 0
 
 

@@ -101,7 +101,8 @@ def copy_project(destination: Path) -> Path:
                             capture_output=True, text=True, check=True).stdout.split("\n")
     for name in filter(None, listed):
         source = REPO_ROOT / name
-        if source.is_file() and not name.startswith(("data/", "models/", "metrics/", "figures/", "tests/handwriting/", "dvc.lock")):
+        outputs = name.startswith(("data/", "models/", "metrics/", "figures/", "tests/handwriting/", "dvc.lock"))
+        if source.is_file() and (not outputs or name.startswith("data/feedback/")):  # feedback: a stage's input
             target = destination / name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, target)

@@ -55,6 +55,7 @@ class PreprocessParams(KnownKeysOnly):
     val_size: PositiveInt
     train_limit: Annotated[int, Field(ge=0)]  # 0: the whole training split (tests shrink it)
     test_limit: Annotated[int, Field(ge=0)]
+    feedback_holdout: Annotated[float, Field(ge=0.0, le=1.0)]  # share of users' labelled pictures kept to score on
 
 
 class Recipe(KnownKeysOnly):
@@ -109,6 +110,9 @@ class EvaluateParams(KnownKeysOnly):
     digit_acceptance: Fraction  # share of validation digits it accepts: sets its threshold
     nondigits_per_kind: Annotated[int, Field(ge=10)]  # generated non-digits per kind and split
     verdict_train_images: Annotated[int, Field(ge=100)]  # training digits for its class statistics
+    # the drift reference registered with the version: the validation split, or users' labelled pictures once
+    # there are this many (0: always the validation split)
+    reference_min_feedback: Annotated[int, Field(ge=0)]
 
 
 LOCK_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://", "postgresql+psycopg2://")
@@ -117,6 +121,8 @@ LOCK_URL_PREFIXES = ("postgresql://", "postgres://", "postgresql+psycopg://", "p
 class PromoteParams(KnownKeysOnly):
     margin: Annotated[float, Field(ge=0.0, le=1.0)]
     min_digit_acceptance: Annotated[float, Field(ge=0.0, le=1.0)]  # a candidate accepting fewer test digits is refused
+    feedback_margin: Annotated[float, Field(ge=0.0, le=1.0)]  # within margin on test, this much better on feedback wins
+    min_feedback_images: PositiveInt  # ... once the feedback holdout holds this many pictures
     # the promotion lock every machine shares: a PostgreSQL URL; empty: a file lock (the embedded store only)
     lock: str
 
@@ -246,6 +252,8 @@ class PathsParams(KnownKeysOnly):
     """Every file a stage reads or writes, stated once: `dvc.yaml` takes them from here (`${paths.*}`)."""
 
     raw: str
+    feedback: str
+    feedback_split: str
     train_split: str
     val_split: str
     test_split: str
@@ -265,9 +273,11 @@ class PathsParams(KnownKeysOnly):
     handwriting_figure: str
     verdict: str
     ood: str
+    feedback_metrics: str
     monitor_reference: str
 
-    INPUTS: ClassVar[frozenset[str]] = frozenset({"handwriting_set"})  # only read; every other path is some stage's output
+    # only read by stages (feedback: written by `python -m pipeline feedback export`); every other path is a stage's output
+    INPUTS: ClassVar[frozenset[str]] = frozenset({"handwriting_set", "feedback"})
 
     def require_safe(self) -> None:
         """One error line, before any stage touches a file, for a path that could clobber another."""

@@ -80,7 +80,11 @@ def stratified_take(split: Split, size: int, seed: int) -> Split:
 
 
 def save_split(split: Split, path: Path) -> None:
-    np.savez(path, x=split.x, y=split.y)
+    """The same bytes for the same split (np.savez stamps the time), so an unchanged split re-runs nothing."""
+    from pipeline.core.hashing import write_stable_npz
+
+    with Path(path).open("wb") as stream:
+        write_stable_npz({"x": split.x, "y": split.y}, stream)
 
 
 def load_split(path: str | Path) -> Split:

@@ -18,6 +18,7 @@ import numpy as np
 from pipeline.core import nondigits, verdict
 from pipeline.core.verdict import ACCEPTANCE_TAG, REJECTION_TAG
 
+USERS_KIND = "users"  # the calibration kind of pictures users labelled "not a digit"
 Outputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # pixels (n, 28, 28) -> (probabilities, features)
 
 
@@ -122,14 +123,19 @@ def report(state: verdict.VerdictState, validation: Seen, test: Seen, handwritin
 
 def fit_and_report(outputs: Outputs, head: tuple[np.ndarray, np.ndarray], settings, seed: int,
                    train: tuple[np.ndarray, np.ndarray], validation_pixels: np.ndarray, test_pixels: np.ndarray,
-                   handwriting: tuple[np.ndarray, int]) -> tuple[verdict.VerdictState, dict]:
+                   handwriting: tuple[np.ndarray, int], users_nondigits: np.ndarray | None = None,
+                   ) -> tuple[verdict.VerdictState, dict]:
     """Fit `settings.digit_verdict` (the evaluate params) through `outputs` and measure it.
 
     `head`: the softmax layer's (kernel, bias); `train`: training digits and labels, of which
-    `settings.verdict_train_images` are used; `handwriting`: prepared pixels and the set's size.
+    `settings.verdict_train_images` are used; `handwriting`: prepared pixels and the set's size;
+    `users_nondigits`: pictures users called no digit (feedback's training part), fitted on as one
+    more calibration kind.
     """
     train_x, train_y = subsample(*train, settings.verdict_train_images, seed)
     calibration = {kind: look(outputs, x) for kind, x in generated("calibration", settings.nondigits_per_kind, seed).items()}
+    if users_nondigits is not None and len(users_nondigits):
+        calibration[USERS_KIND] = look(outputs, users_nondigits)
     heldout = {kind: look(outputs, x) for kind, x in generated("heldout", settings.nondigits_per_kind, seed).items()}
     validation = look(outputs, validation_pixels)
     state = fit(settings.digit_verdict, settings.digit_acceptance, *head, look(outputs, train_x), train_y,

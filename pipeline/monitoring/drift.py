@@ -296,15 +296,20 @@ def not_digit_rise(reference: Sample, window: Sample, settings: DriftSettings) -
                        f"rate {rate:.1%} -> {rejected / n:.1%} ({rejected}/{n}), p {format_p_value(result.pvalue)}")
 
 
-def correct_answers(sample: Sample) -> np.ndarray:
+def answered_right(true_labels: np.ndarray, labels: np.ndarray, is_digit: np.ndarray | None) -> np.ndarray:
     """(n,) bool: the answer matched the true label. A digit is answered right only when it was named
     and not rejected; a not-a-digit only when the verdict rejected it (never without a verdict)."""
+    named_right = true_labels == labels  # NOT_A_DIGIT never equals a class 0-9
+    if is_digit is None:
+        return named_right
+    return (named_right & is_digit) | ((true_labels == NOT_A_DIGIT) & ~is_digit)
+
+
+def correct_answers(sample: Sample) -> np.ndarray:
+    """`answered_right` for every row of a sample (all False without true labels)."""
     if sample.true_labels is None:
         return np.zeros(len(sample), dtype=bool)
-    named_right = sample.true_labels == sample.labels  # NOT_A_DIGIT never equals a class 0-9
-    if sample.is_digit is None:
-        return named_right
-    return (named_right & sample.is_digit) | ((sample.true_labels == NOT_A_DIGIT) & ~sample.is_digit)
+    return answered_right(sample.true_labels, sample.labels, sample.is_digit)
 
 
 def feedback_accuracy_drop(reference: Sample, window: Sample, settings: DriftSettings) -> Measurement | Check:

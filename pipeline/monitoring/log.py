@@ -418,9 +418,9 @@ def _upsert(dialect: str, table, row: dict[str, Any]):
 
 
 def read_rows(engine, since: float | None = None, last: int | None = None, version: str | None = None,
-              columns: Iterable[str] | None = None):
-    """The logged predictions (newest `last`, or since a unix time), each with its feedback label (-1: none),
-    oldest first, as a pandas DataFrame."""
+              columns: Iterable[str] | None = None, labelled_only: bool = False):
+    """The logged predictions (newest `last`, or since a unix time; only those with feedback if
+    `labelled_only`), each with its feedback label (-1: none), oldest first, as a pandas DataFrame."""
     import pandas as pd
     from sqlalchemy import inspect, select
 
@@ -429,7 +429,8 @@ def read_rows(engine, since: float | None = None, last: int | None = None, versi
     if not inspect(engine).has_table("predictions"):  # no server has written yet
         return pd.DataFrame({**{column.name: [] for column in chosen}, "feedback": []})
     query = (select(*chosen, feedback.c.label.label("feedback"))
-             .select_from(predictions.outerjoin(feedback, feedback.c.prediction_id == predictions.c.id)))
+             .select_from(predictions.join(feedback, feedback.c.prediction_id == predictions.c.id,
+                                           isouter=not labelled_only)))
     if since is not None:
         query = query.where(predictions.c.time >= since)
     if version is not None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from pipeline.core.errors import PipelineError, first_line
 from pipeline.core.tracking import configure_tracking, registry_uri, store_unreachable
@@ -217,24 +219,52 @@ def rollback_champion(mlflow_client, model_name: str, lock_url: str = "") -> tup
 def accuracy_on_test_data(mlflow_client, model_name: str, champion, test_digest: str, score) -> float:
     """A version's test accuracy on the current test data (the candidate's or the champion's): its tag if measured on the same
     data, else re-scored with `score(model_uri)`."""
-    tags = champion.tags or {}
-    if tags.get("test_data_sha256") == test_digest and "test_accuracy" in tags:
-        return float(tags["test_accuracy"])
-    log.info("test data changed since v%s was scored; re-scoring the champion", champion.version)
-    accuracy = float(score(f"models:/{model_name}/{champion.version}"))
-    with registry_calls("recording the re-scored accuracy"):
-        mlflow_client.set_model_version_tag(model_name, champion.version, "test_accuracy", f"{accuracy:.6f}")
-        mlflow_client.set_model_version_tag(model_name, champion.version, "test_data_sha256", test_digest)
-    return accuracy
+    return figure_on_data(mlflow_client, model_name, champion, ("test_accuracy", "test_data_sha256"), test_digest, score)
+
+
+def figure_on_data(mlflow_client, model_name: str, version, tags: tuple[str, str], digest: str, score) -> float:
+    """A version's figure (`tags`: its tag and the tag of the data digest it was measured on) on the data
+    `digest` names: the tag if measured there, else re-scored with `score(model_uri)` and tagged."""
+    figure_tag, digest_tag = tags
+    known = version.tags or {}
+    if known.get(digest_tag) == digest and figure_tag in known:
+        return float(known[figure_tag])
+    log.info("%s: data changed since v%s was scored; re-scoring it", figure_tag, version.version)
+    figure = float(score(f"models:/{model_name}/{version.version}"))
+    with registry_calls(f"recording the re-scored {figure_tag}"):
+        mlflow_client.set_model_version_tag(model_name, version.version, figure_tag, f"{figure:.6f}")
+        mlflow_client.set_model_version_tag(model_name, version.version, digest_tag, digest)
+    return figure
+
+
+FEEDBACK_TAGS = ("feedback_accuracy", "feedback_data_sha256")  # a version's figure on users' feedback holdout
+
+
+@dataclass(frozen=True)
+class FeedbackHoldout:
+    """Users' feedback holdout, as the promotion rule compares on it (`decision.decide_promotion`)."""
+
+    digest: str  # identifies the holdout's pictures and labels
+    images: int
+    score: Callable[[str], float]  # score(model_uri) -> accuracy of a registered version on it
+    margin: float  # promote.feedback_margin
+    min_images: int  # promote.min_feedback_images: a smaller holdout decides nothing
+
+    def figures(self, mlflow_client, model_name: str, candidate, champion) -> tuple[float, float] | None:
+        if champion is None or self.images < self.min_images:
+            return None
+        return tuple(figure_on_data(mlflow_client, model_name, version, FEEDBACK_TAGS, self.digest, self.score)
+                     for version in (candidate, champion))
 
 
 MAX_DECISIONS = 3  # a champion that changes under us this often means a promoter outside the lock
 
 
 def promote(model_name: str, version: str, margin: float, test_digest: str, score, force: bool = False,
-            lock_url: str = "", min_digit_acceptance: float = 0.0) -> Decision:
+            lock_url: str = "", min_digit_acceptance: float = 0.0, feedback: FeedbackHoldout | None = None) -> Decision:
     """Make `version` the challenger, then champion if it beats the champion by `margin` (or `force`),
-    unless its digit verdict accepts fewer test digits than `min_digit_acceptance`.
+    unless its digit verdict accepts fewer test digits than `min_digit_acceptance`; within the margin,
+    `feedback` (users' holdout, when there is one) decides.
 
     The decision and the metrics compared are written to the version's tags. Under the lock
     (`promotion_lock`) the champion is re-read, so racing promotions each compare against the real
@@ -258,7 +288,7 @@ def promote(model_name: str, version: str, margin: float, test_digest: str, scor
         champion = alias_version(mlflow_client, model_name, CHAMPION)
         for _ in range(MAX_DECISIONS):
             decision = decide_and_write(mlflow_client, model_name, candidate, candidate_accuracy, champion,
-                                        margin, test_digest, score, force, min_digit_acceptance)
+                                        margin, test_digest, score, force, min_digit_acceptance, feedback)
             expected = str(version) if decision.promote else None if champion is None else str(champion.version)
             now = champion_after_write(mlflow_client, model_name)
             if now is None or now == (expected or "none"):
@@ -279,20 +309,26 @@ def verdict_figures(version, role: str) -> dict[str, str]:
 
 
 def decide_and_write(mlflow_client, model_name: str, candidate, candidate_accuracy: float, champion, margin: float,
-                     test_digest: str, score, force: bool, min_digit_acceptance: float = 0.0) -> Decision:
+                     test_digest: str, score, force: bool, min_digit_acceptance: float = 0.0,
+                     feedback: FeedbackHoldout | None = None) -> Decision:
     """Decide `candidate` against `champion` (None: there is none), record the decision, write the aliases."""
     version = str(candidate.version)
+    on_feedback = None
     if champion is not None and str(champion.version) == version:
         decision = Decision(True, "already champion", candidate_accuracy, candidate_accuracy, margin)
     else:
         rival = None if champion is None else accuracy_on_test_data(mlflow_client, model_name, champion, test_digest, score)
         acceptance = (candidate.tags or {}).get(ACCEPTANCE_TAG)
+        on_feedback = None if feedback is None else feedback.figures(mlflow_client, model_name, candidate, champion)
         decision = decide_promotion(candidate_accuracy, rival, margin, None if acceptance is None else float(acceptance),
-                                    min_digit_acceptance)
+                                    min_digit_acceptance, on_feedback, 0.0 if feedback is None else feedback.margin)
         if force and not decision.promote:
             decision = Decision(True, f"promoted by hand over: {decision.reason}", candidate_accuracy, rival, margin)
     extra = {"compared_champion_version": "none" if champion is None else str(champion.version),
              **verdict_figures(candidate, "candidate"), **verdict_figures(champion, "champion")}
+    if champion is not None and str(champion.version) != version and on_feedback is not None:
+        extra.update(compared_candidate_feedback_accuracy=f"{on_feedback[0]:.6f}",
+                     compared_champion_feedback_accuracy=f"{on_feedback[1]:.6f}")
     aliases, history = champion_writes(mlflow_client, model_name, version) if decision.promote else ({}, None)
     with registry_calls("recording the decision"):
         record_decision(mlflow_client, model_name, version, decision, extra)

@@ -305,13 +305,13 @@ def test_serve_benchmark_of_a_registered_champion(tiny_params, tiny_model_path, 
     run_bench("serve", "--params", str(tiny_params), "--requests", "20", "--seconds", "1", out=tmp_path, env={"MLFLOW_TRACKING_URI": store})
     record = json.loads((tmp_path / "serve.json").read_text())
     assert record["model"] == {"uri": "models:/mnist-cnn/1", "name": "mnist-cnn", "version": "1"}
-    for kind in ("project", "mlflow", "project_no_verdict"):
+    for kind in ("project", "mlflow", "project_no_verdict", "project_no_log"):
         server = record["servers"][kind]
         latency = server["latency"]
         assert latency["requests"] == 20 and 0 < latency["min_ms"] <= latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
         assert latency["predicted_digit"] == record["servers"]["project"]["latency"]["predicted_digit"]
         assert server["peak_rss_mib"] > 0
-        if kind == "project_no_verdict":  # latency rounds only
+        if kind in ("project_no_verdict", "project_no_log"):  # latency rounds only
             assert not any(key.startswith("throughput") for key in server)
             continue
         for clients in (1, 8):
@@ -319,4 +319,14 @@ def test_serve_benchmark_of_a_registered_champion(tiny_params, tiny_model_path, 
             assert throughput["answered"] > 0 and throughput["lost"] == 0, (kind, throughput)
     assert record["verdict_cost_p50_ms"] == round(record["servers"]["project"]["latency"]["p50_ms"]
                                                   - record["servers"]["project_no_verdict"]["latency"]["p50_ms"], 3)
+    assert record["log_cost_p50_ms"] == round(record["servers"]["project"]["latency"]["p50_ms"]
+                                              - record["servers"]["project_no_log"]["latency"]["p50_ms"], 3)
     assert (tmp_path / "serve.md").read_text() == serve_markdown(record) + "\n"
+
+
+def test_bench_servers_log_to_a_scratch_store_never_the_projects():
+    from bench.serving import server_command
+
+    logged = server_command("project", "models:/m/1", 1, "sqlite:////tmp/scratch/predictions.db")
+    assert logged[logged.index("--log-storage") + 1] == "sqlite:////tmp/scratch/predictions.db"
+    assert "--no-log" in server_command("project_no_log", "models:/m/1", 1, "sqlite:////tmp/x.db")

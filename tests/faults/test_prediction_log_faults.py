@@ -3,16 +3,20 @@ lost rows are counted, and the writer comes back with the store."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from urllib.parse import urlsplit
 
+import numpy as np
 import pytest
 
 from pipeline.monitoring import log as prediction_log
 from pipeline.monitoring.log import PredictionLog, read_rows
 from tests.code.test_prediction_log import entry
 from tests.faults.conftest import CuttableProxy
+from tests.serving.fixtures import mnist_file, register_model, tiny_model_path  # noqa: F401
+from tests.serving.test_digit_verdict import Server
 
 
 def through(proxy: CuttableProxy, url: str) -> str:
@@ -70,3 +74,86 @@ def test_a_cut_store_costs_rows_not_requests_and_the_writer_comes_back(postgres_
     finally:
         log.stop()
         proxy.cut()
+
+
+# ---- the real server under load, its PostgreSQL log cut in the middle -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def registered(tiny_model_path, mnist_file, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("log-load")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        register_model(tiny_model_path, "mnist-log-load", mnist_file, folder / "artifacts")
+    return uri
+
+
+def load(port: int, pictures: list, seconds: float, clients: int = 8) -> list[int]:
+    """`clients` threads posting one picture at a time for `seconds`; every status they got."""
+    import http.client
+    import threading
+
+    statuses: list[int] = []
+    stop = time.monotonic() + seconds
+    body = json.dumps({"inputs": pictures}).encode()
+
+    def client() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        while time.monotonic() < stop:
+            connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            statuses.append(response.status)
+        connection.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_eight_clients_lose_no_request_while_the_log_store_is_cut(registered, postgres_database, mnist_file, tmp_path):
+    import threading
+
+    url = postgres_database()
+    server = urlsplit(url)
+    proxy = CuttableProxy((server.hostname, server.port or 5432))
+    with np.load(mnist_file) as data:
+        picture = data["x_test"][:1].tolist()
+    serve = Server("models:/mnist-log-load/1", registered, tmp_path / "serve.log", "--log-storage", through(proxy, url))
+    try:
+        assert load(serve.port, picture, 3.0)  # the store up: every answer is a row
+        assert wait_until(lambda: health(serve.port)["queued"] == 0)
+        time.sleep(0.5)
+        before = health(serve.port)
+        assert before["dropped"] == 0 and before["written"] == len(read_rows(prediction_log.make_engine(url)))
+
+        cutter = threading.Timer(2.0, proxy.cut)  # 2 s into 8 s of traffic, for 3 s
+        restorer = threading.Timer(5.0, proxy.restore)
+        cutter.start(), restorer.start()
+        statuses = load(serve.port, picture, 8.0)
+        restorer.join()
+        assert statuses and set(statuses) == {200}  # no request lost
+        assert wait_until(lambda: health(serve.port)["store"] == "up" and health(serve.port)["queued"] == 0, 30)
+        time.sleep(0.5)
+        after = health(serve.port)
+        answered = before["written"] + len(statuses)
+        assert after["dropped"] > 0 and after["written"] + after["dropped"] == answered
+        assert after["written"] == len(read_rows(prediction_log.make_engine(url)))  # the writer came back
+        assert "rows are dropped and counted" in (tmp_path / "serve.log").read_text()
+    finally:
+        serve.stop()
+        proxy.cut()
+
+
+def health(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        return json.load(response)["prediction_log"]

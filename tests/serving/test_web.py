@@ -74,7 +74,9 @@ def test_page_has_canvas_buttons_and_upload(client):
 
 def test_model_is_loaded_lazily(tiny_model_path):
     app = create_app(str(tiny_model_path))
-    assert app.test_client().get("/healthz").get_json() == {"status": "ok", "model": str(tiny_model_path), "loaded": False}
+    assert app.test_client().get("/healthz").get_json() == {
+        "status": "ok", "model": str(tiny_model_path), "loaded": False,
+        "prediction_log": {"enabled": False, "reason": "not configured"}}
 
 
 def test_upload_a_photo(client):
