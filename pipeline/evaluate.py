@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     users_train, users_holdout = feedback.load_parts(paths.feedback_split)
     state, ood_report = ood.fit_and_report(served.outputs, classifier_head(model).get_weights(), params.evaluate,
                                            params.seed, (train.x, train.y), validation.x, test.x,
-                                           prepared_pixels(paths.handwriting_set), users_train.nondigits.x)
+                                           prepared_pixels(paths.handwriting_set), users_train.nondigits.x,
+                                           (users_train.digits.x, users_train.digits.y))
     answering = ServedModel(served, state)
     reference = drift_reference(answering, validation, users_train, users_holdout, params.evaluate.reference_min_feedback)
     feedback_report = feedback_score(answering, users_holdout, len(users_train))

@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.monitoring.drift import compare
     from pipeline.monitoring.log import make_engine, read_rows, store_problem, window_sample
     from pipeline.monitoring.reference import registered_reference
-    from pipeline.monitoring.report import render_html, summary, terminal_table
+    from pipeline.monitoring.report import render_html, terminal_table
     from pipeline.registry.store import champion_uri, client, is_not_found, store_failure
-    from pipeline.serving.classifier import registered_version
+    from pipeline.serving.classifier import quiet_downloads, registered_version
 
     uri = args.model or champion_uri()
     mlflow_client = client()
@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PipelineError(f"{uri} names no registered version; list them with `python -m pipeline registry`, "
                                 "or pass --model models:/<name>/<version>") from None
         raise store_failure(f"looking up {uri}", error) from None
+    quiet_downloads()
     with tempfile.TemporaryDirectory(prefix="mnist-reference-") as scratch:
         reference = registered_reference(version, Path(scratch))
     since = None if args.last else time.time() - (args.since or UNIT_S["h"] * 24)
@@ -145,5 +146,5 @@ def main(argv: list[str] | None = None) -> int:
     files = write_outputs(Path(args.out), report.to_dict(), render_html(report, reference, window, context))
     run_id = log_run(settings.experiment, version, report, label, files)
     print(terminal_table(report))
-    print(f"{summary(report)} ({label}); report: {files[1]}, MLflow run {run_id}")
+    print(f"window: {label}; report: {files[1]}, {files[0]}; MLflow run {run_id} (experiment {settings.experiment})")
     return 1 if report.status == "drift" else 0

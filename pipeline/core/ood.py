@@ -54,11 +54,12 @@ def generated(split: str, count: int, seed: int) -> dict[str, np.ndarray]:
 
 
 def fit(method: str, target_acceptance: float, weights: np.ndarray, bias: np.ndarray, train: Seen,
-        train_labels: np.ndarray, validation: Seen, calibration: dict[str, Seen]) -> verdict.VerdictState:
+        train_labels: np.ndarray, validation: Seen, calibration: dict[str, Seen],
+        guard_pixels: np.ndarray | None = None) -> verdict.VerdictState:
     """The verdict `method`, its threshold at `target_acceptance` of the validation digits."""
     negatives = tuple(np.concatenate(part) for part in zip(*(seen.parts() for seen in calibration.values())))
     return verdict.fit_verdict(method, *validation.parts(), target_acceptance, weights=weights, bias=bias,
-                               train=(*train.parts(), train_labels), negatives=negatives)
+                               train=(*train.parts(), train_labels), negatives=negatives, guard_pixels=guard_pixels)
 
 
 def version_tags(report: dict) -> dict[str, str]:
@@ -124,21 +125,26 @@ def report(state: verdict.VerdictState, validation: Seen, test: Seen, handwritin
 def fit_and_report(outputs: Outputs, head: tuple[np.ndarray, np.ndarray], settings, seed: int,
                    train: tuple[np.ndarray, np.ndarray], validation_pixels: np.ndarray, test_pixels: np.ndarray,
                    handwriting: tuple[np.ndarray, int], users_nondigits: np.ndarray | None = None,
-                   ) -> tuple[verdict.VerdictState, dict]:
+                   users_digits: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[verdict.VerdictState, dict]:
     """Fit `settings.digit_verdict` (the evaluate params) through `outputs` and measure it.
 
     `head`: the softmax layer's (kernel, bias); `train`: training digits and labels, of which
     `settings.verdict_train_images` are used; `handwriting`: prepared pixels and the set's size;
     `users_nondigits`: pictures users called no digit (feedback's training part), fitted on as one
-    more calibration kind.
+    more calibration kind; `users_digits`: the digits they confirmed, (pixels, labels), always among
+    the training digits and inside the guards (a new pen or scanner must not stay "no digit").
     """
     train_x, train_y = subsample(*train, settings.verdict_train_images, seed)
+    guard_pixels = None
+    if users_digits is not None and len(users_digits[1]):
+        train_x, train_y = np.concatenate([train_x, users_digits[0]]), np.concatenate([train_y, users_digits[1]])
+        guard_pixels = np.concatenate([np.asarray(validation_pixels, np.float32), np.asarray(users_digits[0], np.float32)])
     calibration = {kind: look(outputs, x) for kind, x in generated("calibration", settings.nondigits_per_kind, seed).items()}
     if users_nondigits is not None and len(users_nondigits):
         calibration[USERS_KIND] = look(outputs, users_nondigits)
     heldout = {kind: look(outputs, x) for kind, x in generated("heldout", settings.nondigits_per_kind, seed).items()}
     validation = look(outputs, validation_pixels)
     state = fit(settings.digit_verdict, settings.digit_acceptance, *head, look(outputs, train_x), train_y,
-                validation, calibration)
+                validation, calibration, guard_pixels)
     return state, report(state, validation, look(outputs, test_pixels), look(outputs, handwriting[0]), handwriting[1],
                          heldout, calibration)

@@ -219,8 +219,9 @@ def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.nda
                 target_acceptance: float = 0.995, *, weights: np.ndarray, bias: np.ndarray,
                 train: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
                 negatives: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-                l2: float = 1e-3) -> VerdictState:
-    """Fit a verdict. The guards and the threshold come from the validation digits alone.
+                l2: float = 1e-3, guard_pixels: np.ndarray | None = None) -> VerdictState:
+    """Fit a verdict. The threshold comes from the validation digits alone, the guards from them or
+    `guard_pixels` (validation digits plus digits users confirmed).
 
     `weights`, `bias`: the softmax layer's kernel (D, 10) and bias (they also say how many features are dense);
     `train`: (probabilities, features, pixels, labels) of training digits: the Mahalanobis statistics
@@ -229,7 +230,7 @@ def fit_verdict(method: str, val_probabilities: np.ndarray, val_features: np.nda
     """
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {METHODS}")
-    stats = ink_stats(val_pixels)[:, :3]
+    stats = ink_stats(val_pixels if guard_pixels is None else guard_pixels)[:, :3]
     state = VerdictState(method=method, threshold=0.0, target_acceptance=float(target_acceptance),
                          guard_low=stats.min(axis=0), guard_high=stats.max(axis=0),
                          weights=np.asarray(weights, dtype=np.float64), bias=np.asarray(bias, dtype=np.float64))

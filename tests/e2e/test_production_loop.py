@@ -7,6 +7,7 @@ Real DVC, a real MLflow store, the real `serve` process on loopback, its SQLite 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -86,6 +87,8 @@ def project(tmp_path_factory) -> Path:
 
 
 def test_a_day_in_production(project, tmp_path):
+    record: dict = {}  # what README's "In production" quotes (written where PRODUCTION_LOOP_RECORD says)
+    started = time.monotonic()
     x, y = traffic(project, seed=0)
     normal, drifted, drifted_later = x[:WINDOW], thick(x[WINDOW:WINDOW + LABELLED + 40]), thick(x[-WINDOW:])
     drifted_labels = y[WINDOW:WINDOW + LABELLED + 40]
@@ -96,6 +99,7 @@ def test_a_day_in_production(project, tmp_path):
         settle(base)
         status, out, report = monitor(project)
         assert status == 0 and report["status"] == "ok", out
+        record["normal"] = {"exit": status, "failed": report["failed"]}
 
         # 2. drifted traffic: an alarm that names the feature
         ids, versions = invoke(base, drifted)
@@ -103,6 +107,7 @@ def test_a_day_in_production(project, tmp_path):
         status, out, report = monitor(project)
         assert status == 1 and report["status"] == "drift", out
         assert "feature:ink_fraction" in report["failed"] and "feature:ink_fraction" in out
+        record["drifted"] = {"exit": status, "failed": report["failed"]}
 
         # 3. users label some of the drifted pictures (one says one is no digit), export, retrain
         for index, (prediction_id, label) in enumerate(zip(ids[:LABELLED], drifted_labels[:LABELLED])):
@@ -113,7 +118,9 @@ def test_a_day_in_production(project, tmp_path):
         assert (project / "data" / "feedback" / "feedback.npz.dvc").is_file()
         status = dvc("status", project=project).stdout
         assert "preprocess" in status and "fetch" not in status.split("preprocess")[0]
+        repro_started = time.monotonic()
         repro = dvc("repro", project=project)
+        record["repro_s"] = round(time.monotonic() - repro_started, 1)
         ran = [line.split("'")[1] for line in repro.stdout.splitlines() if line.startswith("Running stage")]
         assert ran == ["preprocess", "tune", "train", "evaluate"], repro.stdout
 
@@ -122,9 +129,10 @@ def test_a_day_in_production(project, tmp_path):
         feedback_metrics = json.loads((project / "metrics" / "feedback.json").read_text())["feedback"]
         assert feedback_metrics["holdout_images"] >= 50 and feedback_metrics["train_images"] >= 150
         decision = champion_decision(project)
-        assert decision["champion"] == "2", (decision, registry)
+        assert str(decision["champion"]) == "2", (decision, registry)
         assert "better on the feedback holdout" in decision["reason"] or "beats champion" in decision["reason"], decision
         assert float(decision["candidate_feedback"]) > float(decision["champion_feedback"]), decision
+        record.update(decision=decision, feedback=feedback_metrics, stages=ran)
 
         # 5. the server follows the new champion; the same kind of traffic raises no alarm against its reference
         settle(base, version="2")
@@ -133,6 +141,10 @@ def test_a_day_in_production(project, tmp_path):
         settle(base)
         status, out, report = monitor(project)
         assert status == 0 and report["status"] == "ok", out
+        record["after"] = {"exit": status, "failed": report["failed"]}
+    record["loop_s"] = round(time.monotonic() - started, 1)
+    if target := os.environ.get("PRODUCTION_LOOP_RECORD"):
+        Path(target).write_text(json.dumps(record, indent=2))
 
 
 def champion_decision(project: Path) -> dict[str, str]:

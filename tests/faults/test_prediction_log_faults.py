@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from urllib.parse import urlsplit
 
@@ -134,10 +135,12 @@ def test_eight_clients_lose_no_request_while_the_log_store_is_cut(registered, po
         before = health(serve.port)
         assert before["dropped"] == 0 and before["written"] == len(read_rows(prediction_log.make_engine(url)))
 
-        cutter = threading.Timer(2.0, proxy.cut)  # 2 s into 8 s of traffic, for 3 s
-        restorer = threading.Timer(5.0, proxy.restore)
+        # the cut in the middle of the traffic; MNIST_LOG_LOAD_S=30 runs the 30 s with a 10 s cut
+        seconds = float(os.environ.get("MNIST_LOG_LOAD_S", "8"))
+        cutter = threading.Timer(seconds / 3, proxy.cut)
+        restorer = threading.Timer(seconds / 3 + seconds / 3, proxy.restore)
         cutter.start(), restorer.start()
-        statuses = load(serve.port, picture, 8.0)
+        statuses = load(serve.port, picture, seconds)
         restorer.join()
         assert statuses and set(statuses) == {200}  # no request lost
         assert wait_until(lambda: health(serve.port)["store"] == "up" and health(serve.port)["queued"] == 0, 30)
