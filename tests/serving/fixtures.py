@@ -85,18 +85,25 @@ def register_model(model_path: Path, name: str, mnist: Path, artifacts: Path, ve
     return run.info.run_id
 
 
-REFERENCE_IMAGES = 2000  # the last training images: the tiny model never saw them
+REFERENCE_IMAGES = 3000  # drawn from the training images the tiny model never saw (MNIST is ordered by writer)
+
+
+def reference_split(mnist: Path):
+    """Digits like evaluate's validation split: a seeded draw over the training images past TRAIN_IMAGES."""
+    from pipeline.core.data import Split
+
+    with np.load(mnist) as data:
+        keep = TRAIN_IMAGES + np.random.default_rng(0).permutation(len(data["x_train"]) - TRAIN_IMAGES)[:REFERENCE_IMAGES]
+        return Split(data["x_train"][keep], data["y_train"][keep])
 
 
 def log_reference(model, artifacts: Path, mnist: Path) -> dict[str, str]:
     """The drift reference `evaluate` registers, from held-out digits, logged to the active run; its tags."""
-    from pipeline.core.data import Split
     from pipeline.core.evaluation import log_tagged_file
     from pipeline.evaluate import drift_reference
     from pipeline.monitoring.reference import REFERENCE_TAGS, save_reference
 
-    with np.load(mnist) as data:
-        held_out = Split(data["x_train"][-REFERENCE_IMAGES:], data["y_train"][-REFERENCE_IMAGES:])
+    held_out = reference_split(mnist)
     path = artifacts.parent / f"{artifacts.name}-reference" / "monitor_reference.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     tags = save_reference(drift_reference(model, held_out), path)

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline.monitoring.log import NOT_A_DIGIT, PredictionLog, make_engine, read_rows
-from tests.serving.fixtures import mnist_file, register_model, tiny_model_path  # noqa: F401
+from tests.serving.fixtures import mnist_file, reference_split, register_model, tiny_model_path  # noqa: F401
 from tests.serving.test_digit_verdict import Server
 
 NAME = "mnist-log-test"
@@ -247,7 +247,7 @@ def test_monitor_passes_normal_traffic_and_fails_thick_strokes_naming_the_featur
     assert status == 0 and report["status"] == "ok" and report["n_window"] == 300, out
     status, out, report = drifted
     assert status == 1 and report["status"] == "drift", out
-    assert "feature:ink_fraction" in report["failed"] and "feature:ink_fraction" in out.splitlines()[-1]
+    assert "feature:ink_fraction" in report["failed"] and "drift: feature:ink_fraction" in out
     html = (project / "monitoring" / "report.html").read_text()
     assert "ink_fraction" in html and "http://" not in html and "https://" not in html
     status, out, report = too_few
@@ -277,3 +277,50 @@ def test_monitor_refuses_usage_and_store_errors_in_one_line(store, tmp_path, mon
         lines = [line for line in out.strip().splitlines() if line.startswith("error") or "error:" in line]
         assert status == 2 and phrase in out and len(lines) >= 1 and "Traceback" not in out, (argv, out)
     assert not (tmp_path.parent / "elsewhere").exists()
+
+
+@pytest.fixture(scope="module")
+def answered(store, mnist_file):
+    """The registered version (verdict included) answering: its reference, and a function of pictures to a window."""
+    from pipeline.evaluate import drift_reference
+    from pipeline.monitoring.drift import Sample
+    from pipeline.monitoring.features import input_features
+    from pipeline.serving.classifier import load_classifier
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+        model = load_classifier(MODEL)
+    reference = drift_reference(model, reference_split(mnist_file))
+    with np.load(mnist_file) as data:
+        pool_x, pool_y = data["x_test"], data["y_test"]
+
+    def window(pixels: np.ndarray) -> Sample:
+        answers = model.answer(pixels)
+        return Sample(input_features(pixels), answers.probabilities.argmax(axis=1), answers.probabilities.max(axis=1),
+                      answers.is_digit)
+
+    return reference, window, pool_x, pool_y
+
+
+def test_drift_checks_on_real_digits_stay_calm_and_catch_three_kinds_of_change(answered):
+    from scipy.ndimage import grey_dilation
+
+    from pipeline.monitoring.drift import DriftSettings, compare
+
+    reference, window, x, y = answered
+    settings = DriftSettings()
+    order = np.random.default_rng(7).permutation(len(x))
+    alarms = [compare(reference, window(x[order[start:start + 300]]), settings).status == "drift"
+              for start in range(0, 20 * 300, 300)]
+    failed = [[c.name for c in compare(reference, window(x[order[start:start + 300]]), settings).failed]
+              for start, alarm in zip(range(0, 6000, 300), alarms) if alarm]
+    assert sum(alarms) < 1, failed  # 20 windows of held-out digits: no alarm
+
+    fresh = x[order[6000:6300]]
+    thick = compare(reference, window(grey_dilation(fresh, size=(1, 3, 3))), settings)
+    assert thick.status == "drift" and "feature:ink_fraction" in [c.name for c in thick.failed]
+    shifted = compare(reference, window(np.roll(fresh, 5, axis=2)), settings)
+    assert shifted.status == "drift" and {"feature:com_dx", "feature:bbox_left"} & {c.name for c in shifted.failed}
+    ones = x[y == 1][:300]
+    flooded = compare(reference, window(ones), settings)
+    assert flooded.status == "drift" and "class_mix" in [c.name for c in flooded.failed]
