@@ -88,7 +88,7 @@ def registered(tiny_model_path, mnist_file, tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
         register_model(tiny_model_path, "mnist-log-load", mnist_file, folder / "artifacts")
-    return uri
+        yield uri
 
 
 def load(port: int, pictures: list, seconds: float, clients: int = 8) -> list[int]:

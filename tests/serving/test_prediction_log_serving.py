@@ -31,7 +31,7 @@ def store(tiny_model_path, mnist_file, tmp_path_factory):
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.delenv("MLFLOW_REGISTRY_URI", raising=False)
         register_model(tiny_model_path, NAME, mnist_file, folder / "artifacts")
-    return {"uri": uri, "folder": folder}
+        yield {"uri": uri, "folder": folder}
 
 
 @pytest.fixture(scope="module")
