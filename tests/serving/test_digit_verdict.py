@@ -76,6 +76,7 @@ class Server:
         if "--no-log" not in options and "--log-storage" not in options:  # never into the checkout's monitoring/
             options = (*options, "--log-storage", f"sqlite:///{log.parent / 'predictions.db'}")
         env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        env.pop("MLFLOW_REGISTRY_URI", None)  # a registry another test left in the environment is not this store
         with open(log, "w") as stream:
             self.process = subprocess.Popen([sys.executable, "-m", "pipeline", command, "--model", model,
                                              "--port", str(self.port), *options], cwd=REPO, env=env, stdout=stream,
