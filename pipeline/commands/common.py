@@ -77,10 +77,15 @@ def monitor_settings(storage: str | None = None, params_file: str = PARAMS_FILE)
     return parse_params(raw).monitor
 
 
+def log_storage_option(command: argparse.ArgumentParser) -> None:
+    """--log-storage, for every command that reads or writes the prediction log."""
+    command.add_argument("--log-storage", metavar="URL",
+                         help="the prediction log's store, a SQLite or PostgreSQL URL (default: monitor.storage "
+                         "in params.yaml)")
+
+
 def log_options(command: argparse.ArgumentParser) -> None:
     """--no-log and --log-storage, for the servers that write the prediction log."""
     command.add_argument("--no-log", action="store_true",
                          help="record nothing: no prediction log, no prediction ids in answers, no /feedback")
-    command.add_argument("--log-storage", metavar="URL",
-                         help="the prediction log's store, a SQLite or PostgreSQL URL (default: monitor.storage "
-                         "in params.yaml)")
+    log_storage_option(command)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.commands.common import parser
+from pipeline.commands.common import log_storage_option, parser
 from pipeline.core.errors import PipelineError, exit_on_user_error
 
 log = logging.getLogger("pipeline.feedback")
@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None):
     command = parser("feedback", "Users' feedback on served answers, as versioned training data.")
     actions = command.add_subparsers(dest="action", required=True, metavar="ACTION")
     export = actions.add_parser("export", help="write the labelled pictures to paths.feedback and `dvc add` them")
-    export.add_argument("--log-storage", metavar="URL", help="the prediction log's store (default: monitor.storage)")
+    log_storage_option(export)
     return command.parse_args(argv)
 
 

@@ -15,13 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline.commands.common import model_option, parser, positive
+from pipeline.commands.common import log_storage_option, model_option, parser, positive
 from pipeline.core.errors import PipelineError, exit_on_user_error
 
 DRIFT_FILE, REPORT_FILE = "drift.json", "report.html"
 DEFAULT_OUT = "monitoring"
 DURATION = re.compile(r"^(?P<amount>\d+(\.\d+)?)(?P<unit>[smhd])$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+DEFAULT_SINCE_S = 24 * UNIT_S["h"]  # the window when neither --since nor --last is given
 
 
 def duration_s(text: str) -> float:
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None):
     window.add_argument("--since", type=duration_s, metavar="DURATION",
                         help="the window: answers of the last 30m, 24h, 7d ... (default: 24h)")
     window.add_argument("--last", type=positive(int), metavar="N", help="the window: the newest N answers")
-    command.add_argument("--log-storage", metavar="URL", help="the prediction log's store (default: monitor.storage)")
+    log_storage_option(command)
     command.add_argument("--out", default=DEFAULT_OUT, help=f"folder for {REPORT_FILE} and {DRIFT_FILE} "
                          f"(default: {DEFAULT_OUT})")
     return command.parse_args(argv)
@@ -50,8 +51,7 @@ def parse_args(argv: list[str] | None):
 def window_label(args) -> str:
     if args.last:
         return f"the newest {args.last} answers"
-    seconds = args.since or UNIT_S["h"] * 24
-    return f"answers of the last {seconds / 3600:g} h"
+    return f"answers of the last {(args.since or DEFAULT_SINCE_S) / 3600:g} h"
 
 
 def settings_of(drift_params):
@@ -99,12 +99,11 @@ def log_run(experiment: str, version, report, window: str, files: tuple[Path, Pa
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     from pipeline.commands.common import monitor_settings
+    from pipeline.core.paths import path_problem
     from pipeline.core.runtime import setup_logging
 
-    from pipeline.core.paths import path_problem
-
+    args = parse_args(argv)
     setup_logging()
     if problem := path_problem(args.out):
         raise PipelineError(f"--out {args.out!r}: {problem}")
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_downloads()
     with tempfile.TemporaryDirectory(prefix="mnist-reference-") as scratch:
         reference = registered_reference(version, Path(scratch))
-    since = None if args.last else time.time() - (args.since or UNIT_S["h"] * 24)
+    since = None if args.last else time.time() - (args.since or DEFAULT_SINCE_S)
     try:
         rows = read_rows(make_engine(settings.storage), since=since, last=args.last, version=str(version.version))
     except Exception as error:
