@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
+    from pipeline.serving.lingering import LingeringHttpToolsProtocol
+
     args = parse_args(argv)
     setup_logging()
 
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
              "beyond %d concurrent requests 503", uri, netloc, args.max_body_mb, args.max_images,
              args.max_concurrent)
     log.info("%s", describe_log(prediction_log))
-    config = uvicorn.Config(app, log_level="info", access_log=args.access_log,
+    config = uvicorn.Config(app, http=LingeringHttpToolsProtocol, log_level="info", access_log=args.access_log,
                             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     uvicorn.Server(config).run(sockets=[server_socket])
     return 0

@@ -9,7 +9,7 @@ from pipeline.monitoring.log import describe_log, open_log
 from pipeline.core.errors import PipelineError, exit_on_user_error
 from pipeline.core.runtime import setup_logging
 from pipeline.serving.following import DEFAULT_REFRESH_S
-from pipeline.serving.web import MAX_UPLOAD_BYTES, THREADS, create_app, warm_up
+from pipeline.serving.web import MAX_UPLOAD_BYTES, THREADS, create_app, too_large_body, warm_up
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -28,11 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     prediction_log = open_log(monitor_settings(args.log_storage), enabled=not args.no_log)
     app = create_app(args.model, refresh_s=args.refresh_s, prediction_log=prediction_log)
     warm_up(app)
-    import waitress
+    from pipeline.serving.lingering import lingering_server
 
-    try:
-        server = waitress.create_server(app, host=args.host, port=args.port, threads=THREADS,
-                                        max_request_body_size=2 * MAX_UPLOAD_BYTES)  # Flask answers 413 first
+    try:  # waitress refuses a body over the limit before Flask sees it, in the same words
+        server = lingering_server(app, lambda: too_large_body(MAX_UPLOAD_BYTES), host=args.host, port=args.port,
+                                  threads=THREADS, max_request_body_size=MAX_UPLOAD_BYTES)
     except OSError as error:
         raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
     print(f"serving on http://{args.host}:{args.port}/ (model {app.extensions['mnist_model'].uri}); Ctrl+C stops",

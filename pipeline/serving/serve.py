@@ -16,7 +16,8 @@ What differs:
   error {error_code, message} that never quotes the body;
 - limits: a body over --max-body-mb gets 413 (at once when Content-Length says so, or as soon as a
   chunked body streams past it), requests beyond --max-concurrent get 503, and a request not done
-  within --timeout-s (a slow body included) gets 503;
+  within --timeout-s (a slow body included) gets 503; an answer sent before the body is read reaches
+  clients that write the whole body first (urllib), since closing lingers (`lingering`);
 - SIGTERM or Ctrl+C: the server stops accepting, lets requests in flight finish, and exits
   (within GRACEFUL_SHUTDOWN_S).
 """

@@ -84,6 +84,12 @@ class LazyModel:
         return answers, answer if "is_digit" in answer else {**answer, "digit_check": model.missing_verdict}
 
 
+def too_large_body(max_upload_bytes: int) -> bytes:
+    """The JSON answer to an upload over the limit (Flask's and waitress's 413 alike)."""
+    return json.dumps({"error": f"upload too large; send an image of at most "
+                                f"{max_upload_bytes / (1024 * 1024):g} MB"}).encode()
+
+
 def decode_data_url(value: Any) -> bytes:
     """The bytes of a `data:image/...;base64,` URL; BadUpload if it is anything else."""
     if not isinstance(value, str):
@@ -208,7 +214,7 @@ def create_app(model_uri: str | None = None, max_upload_bytes: int = MAX_UPLOAD_
 
     @app.errorhandler(413)
     def too_large(_: HTTPException) -> Any:
-        return jsonify(error=f"upload too large; send an image of at most {limit_mb:g} MB"), 413
+        return app.response_class(too_large_body(max_upload_bytes), status=413, mimetype="application/json")
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException) -> Any:

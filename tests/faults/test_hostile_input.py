@@ -62,6 +62,7 @@ class Running:
                 pytest.fail(f"{command} did not start: {log.read_text()[-3000:]}")
             time.sleep(0.3)
         self.peak_mib = 0.0
+        self.sampler_stopped: str | None = None  # why sampling ended early: a stale peak must fail the test
         self.sampling = True
         threading.Thread(target=self.sample, daemon=True).start()
 
@@ -75,9 +76,20 @@ class Running:
         while self.sampling and self.process.poll() is None:
             try:
                 self.peak_mib = max(self.peak_mib, rss_mib(self.process.pid))
-            except Exception:  # the process is ending
+            except Exception as error:
+                self.sampler_stopped = repr(error)
                 return
             time.sleep(0.02)
+        if self.sampling:
+            self.sampler_stopped = f"the server exited ({self.process.returncode})"
+
+    def peak(self) -> float:
+        """The peak resident memory so far (MiB), failing the test if sampling has stopped."""
+        assert self.sampler_stopped is None and self.process.poll() is None, self.sampler_stopped
+        return self.peak_mib
+
+    def reset_peak(self) -> None:
+        self.peak_mib = rss_mib(self.process.pid)
 
     def stop(self) -> None:
         self.sampling = False
@@ -229,7 +241,7 @@ def test_sixteen_concurrent_15_mib_bodies_stay_under_2_5_gib(store, mnist_file):
                                     range(16)))
         for status, body in answers:
             assert_refusal(status, body, "15 MiB body")
-        assert server.peak_mib < 2.5 * 1024, server.peak_mib
+        assert server.peak() < 2.5 * 1024, server.peak_mib
         image, label = mnist_digit(mnist_file, 0)
         status, answer = request(server.port, "POST", "/invocations", image_body(image[None]), JSON)
         assert status == 200 and len(json.loads(answer)["predictions"][0]) == 10
@@ -404,5 +416,86 @@ def test_eight_concurrent_png_bombs_leave_the_web_process_under_1_gib(web):
         assert status in (400, 503), status  # refused, or every decode slot busy
         if status == 400:
             assert_refusal(status, answer, "PNG bomb")
-    assert web.peak_mib < 1024, web.peak_mib
+    assert web.peak() < 1024, web.peak_mib
     assert request(web.port, "GET", "/healthz")[0] == 200
+
+
+# --- early answers reach clients that write the whole body first ---------------------------------
+
+
+def post_with_urllib(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:  # urllib sends "Connection: close" and the whole body before it reads
+        with urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}{path}", body, JSON),
+                                    timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as answer:
+        return answer.code, answer.read()
+
+
+def post_with_requests(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+    import requests
+
+    response = requests.post(f"http://127.0.0.1:{port}{path}", data=body, headers=JSON, timeout=60)
+    return response.status_code, response.content
+
+
+def post_from_a_raw_socket(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+    """Headers and the whole body written before a byte is read, keep-alive asked for."""
+    import socket
+
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as connection:
+        connection.sendall(head + body)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        return response.status, response.read()
+
+
+CLIENTS = {"urllib": post_with_urllib, "requests": post_with_requests, "raw socket": post_from_a_raw_socket}
+
+
+@pytest.mark.parametrize("client", sorted(CLIENTS))
+@pytest.mark.parametrize(("server", "path", "words"), [("served", "/invocations", "--max-body-mb"),
+                                                       ("web", "/api/predict", "at most 5 MB")])
+def test_an_over_limit_body_written_whole_before_reading_gets_its_413(request, client, server, path, words):
+    running = request.getfixturevalue(server)
+    running.reset_peak()
+    before = running.peak_mib
+    for size_mib in (17, 40):
+        body = b"x" * (size_mib * 2**20)
+        for _ in range(3):
+            status, answer = CLIENTS[client](running.port, path, body)
+            assert status == 413, (client, size_mib, status, answer[:200])
+            assert_refusal(status, answer, f"{size_mib} MiB from {client}")
+            assert words in answer.decode()
+    assert running.peak() - before < 64, (before, running.peak_mib)  # the drained body is never kept
+    assert request_answers(running)
+
+
+def request_answers(running: Running) -> bool:
+    """The server still answers on a new connection."""
+    return running.answers("/ping" if "serve" in running.process.args else "/healthz")
+
+
+@pytest.mark.parametrize(("server", "path", "words"), [("served", "/invocations", "--max-body-mb"),
+                                                       ("web", "/api/predict", "at most 5 MB")])
+def test_a_client_that_stalls_mid_body_is_closed_after_the_idle_bound(request, server, path, words):
+    import socket
+
+    from pipeline.serving.lingering import LINGER_IDLE_S
+
+    running = request.getfixturevalue(server)
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {100 * 2**20}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", running.port), timeout=30) as connection:
+        connection.sendall(head + b"x" * 2**20)  # then nothing more, and the socket stays open
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        assert response.status == 413 and words in response.read().decode()
+        answered = time.monotonic()
+        assert connection.recv(65536) == b""  # the server closed: it does not wait for the 99 MiB
+        assert time.monotonic() - answered < LINGER_IDLE_S + 3
