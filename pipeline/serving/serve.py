@@ -33,6 +33,8 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+import orjson
+
 from pipeline.core.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -148,8 +150,8 @@ class BodySizeLimit:
 class ConcurrencyLimit:
     """ASGI middleware: HTTP requests beyond `max_concurrent` in flight get 503 before their body is read."""
 
-    def __init__(self, app: ASGIApp, max_concurrent: int) -> None:
-        self.app = app
+    def __init__(self, app: ASGIApp | None, max_concurrent: int) -> None:
+        self.app = app  # may be set after construction, for an app that reads `in_flight`
         self.max_concurrent = max_concurrent
         self.in_flight = 0
 
@@ -196,6 +198,7 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
     from pipeline.serving.contract import BadRequest, label_name, parse_feedback, parse_invocation
 
     batcher = MicroBatcher(model.answer, max_images)
+    limit = ConcurrencyLimit(None, max_concurrent)  # its count of requests in flight tells the batcher
 
     def error(status: int, message: str) -> Response:
         return Response(error_body(status, message), status_code=status, media_type="application/json")
@@ -203,7 +206,7 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
     async def predict(request: Request) -> Response:
         started = time.perf_counter()
         images, with_verdict = parse_invocation(await request.body(), request.headers.get("content-type"), max_images)
-        answers = await batcher(images)
+        answers = await batcher(images, alone=limit.in_flight == 1)
         body = {"predictions": answers.probabilities.tolist()}
         if with_verdict and answers.is_digit is not None:
             body["is_digit"] = answers.is_digit.tolist()
@@ -214,7 +217,7 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
             prediction_log.record(Entry(time.time(), request_id, "serve", model_uri, answers.version, images,
                                         answers.probabilities, answers.is_digit, answers.scores,
                                         (time.perf_counter() - started) * 1000))
-        return Response(json.dumps(body), media_type="application/json", headers=headers)
+        return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
     async def feedback(request: Request) -> Response:
         try:
@@ -230,7 +233,8 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
 
     async def invocations(request: Request) -> Response:
         try:
-            return await asyncio.wait_for(predict(request), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await predict(request)
         except BadRequest as problem:
             return error(problem.status, str(problem))
         except TimeoutError:
@@ -274,7 +278,8 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
         exception_handlers={HTTPException: http_error}, lifespan=lifespan,
     )
     app.state.batcher = batcher
-    return ConcurrencyLimit(BodySizeLimit(app, max_bytes), max_concurrent)
+    limit.app = BodySizeLimit(app, max_bytes)
+    return limit
 
 
 def listen(host: str, port: int) -> socket.socket:
