@@ -4,8 +4,9 @@
 
 Starlette on uvicorn with httptools and the same listening socket as `serve` (`serve.listen`):
 POST /invocations reads the body, decodes it with `json.loads` into a float32 (n, 28, 28, 1) array
-and answers a fixed {"predictions": ...} JSON; GET /ping answers. `bench serve` times it beside the
-project's server, request by request, and reports the project's latency over this one.
+and answers a fixed {"predictions": ...} JSON; GET /ping answers. Timed beside `pipeline serve`,
+request by request, it gives the floor the project's latency is divided by (run by hand for now:
+`bench serve` does not start it yet).
 """
 
 from __future__ import annotations
