@@ -49,3 +49,25 @@ def test_a_boolean_among_numbers_is_refused(literal):
 def test_the_verdict_option_does_not_count_as_a_boolean_pixel():
     images, verdict = parse({"inputs": [SEVEN.tolist()], "params": {"digit_verdict": False}})
     assert not verdict and images.max() == 255
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28), (3, 28, 28, 1)])
+@pytest.mark.parametrize("kind", [int, float])
+def test_the_fast_reading_of_well_formed_images_equals_numpys(shape, kind):
+    from pipeline.serving.contract import numpy_pixels, well_formed_pixels
+
+    pixels = np.random.default_rng(0).integers(0, 256, shape).astype(kind) + (0.5 if kind is float else 0)
+    value = pixels.tolist()
+    fast = well_formed_pixels(value)
+    assert fast is not None and fast.dtype == np.float32
+    assert np.array_equal(fast, numpy_pixels(value)) and np.array_equal(fast, pixels.reshape(3, 28, 28))
+
+
+@pytest.mark.parametrize("value", [
+    [[["7"] * 28] * 28], [[[["7"]] * 28] * 28], [[[True] * 28] * 28], [[[None] * 28] * 28],
+    [[[[1, 2]] * 28] * 28], [[[[1]] * 28] * 28, [[1] * 28] * 28], [[[0] * 28] * 27], [[[1e39] * 28] * 28],
+])
+def test_anything_but_well_formed_numbers_leaves_the_fast_reading(value):
+    from pipeline.serving.contract import well_formed_pixels
+
+    assert well_formed_pixels(value) is None
