@@ -4,9 +4,8 @@
 
 Starlette on uvicorn with httptools and the same listening socket as `serve` (`serve.listen`):
 POST /invocations reads the body, decodes it with `json.loads` into a float32 (n, 28, 28, 1) array
-and answers a fixed {"predictions": ...} JSON; GET /ping answers. Timed beside `pipeline serve`,
-request by request, it gives the floor the project's latency is divided by (run by hand for now:
-`bench serve` does not start it yet).
+and answers a fixed {"predictions": ...} JSON; GET /ping answers. `python -m bench serve` times it
+beside `pipeline serve`, request by request, as the floor the project's latency is divided by.
 """
 
 from __future__ import annotations

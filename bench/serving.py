@@ -7,10 +7,12 @@ Both servers run side by side on loopback ports, each in its own process group. 
   for `--seconds`; any request not answered 200 counts as lost;
 - peak memory: the resident memory of the server's whole process tree, sampled every 50 ms from
   start-up to the end.
-Two more servers of the project's join the latency rounds (not the throughput ones): one with
-`--no-digit-verdict` (the digit verdict's cost per request) and one with `--no-log` (the prediction
-log's cost), each on and off in the same run. The project's servers log to a scratch SQLite file, never
-to the project's own log.
+Three more servers join the latency rounds (not the throughput ones): the project's with
+`--no-digit-verdict` (the digit verdict's cost per request) and with `--no-log` (the prediction log's
+cost), and the floor (`bench.floor`: the same HTTP stack and JSON decoding, no model), which the
+project's latency is divided by. Latency is measured twice: on keep-alive connections, and with a new
+connection per request (connect, request, answer, close), as clients without a pool do.
+The project's servers log to a scratch SQLite file, never to the project's own log.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from pipeline.core.errors import PipelineError
 log = logging.getLogger("bench.serve")
 
 CHAMPION = "champion"
-SERVERS = ("project", "mlflow", "project_no_verdict", "project_no_log")
+SERVERS = ("project", "mlflow", "project_no_verdict", "project_no_log", "floor")
 THROUGHPUT_SERVERS = ("project", "mlflow")
+LATENCY_ROUNDS = {"latency": False, "latency_new_connection": True}  # result key: a new connection per request
 CLIENT_COUNTS = (1, 8)
 
 
@@ -62,6 +65,8 @@ def champion_version(model_name: str) -> str | None:
 
 def server_command(kind: str, uri: str, port: int, log_storage: str = "") -> list[str]:
     venv_bin = Path(sys.executable).parent  # `mlflow` and the `uvicorn` it starts live next to this Python
+    if kind == "floor":
+        return [sys.executable, str(Path(__file__).with_name("floor.py")), "--host", "127.0.0.1", "--port", str(port)]
     if kind.startswith("project"):
         logging_options = ["--no-log"] if kind == "project_no_log" else ["--log-storage", log_storage]
         return [sys.executable, "-m", "pipeline", "serve", "--model", uri, "--host", "127.0.0.1", "--port", str(port),
@@ -71,10 +76,11 @@ def server_command(kind: str, uri: str, port: int, log_storage: str = "") -> lis
 
 
 class Client:
-    """One keep-alive HTTP connection with TCP_NODELAY; `post` returns (status, seconds)."""
+    """One keep-alive HTTP connection with TCP_NODELAY (`fresh`: a new one per request, its connect
+    and close timed with it); `post` returns (status, seconds, body)."""
 
-    def __init__(self, port: int, timeout_s: float = 60.0) -> None:
-        self.port, self.timeout_s = port, timeout_s
+    def __init__(self, port: int, timeout_s: float = 60.0, fresh: bool = False) -> None:
+        self.port, self.timeout_s, self.fresh = port, timeout_s, fresh
         self.connection: http.client.HTTPConnection | None = None
 
     def connect(self) -> http.client.HTTPConnection:
@@ -91,6 +97,8 @@ class Client:
             response = self.connection.getresponse()
             data = response.read()
             status = response.status
+            if self.fresh:
+                self.close()
         except (OSError, http.client.HTTPException):
             self.close()
             status, data = 0, b""
@@ -176,9 +184,11 @@ def latency_summary(seconds: list[float]) -> dict:
             "min_ms": round(float(milliseconds.min()), 3), "max_ms": round(float(milliseconds.max()), 3)}
 
 
-def measure_latency(ports: dict[str, int], body: bytes, requests: int, warmup: int = 20) -> dict[str, dict]:
-    """Alternate one request to each server, `warmup` untimed rounds then `requests` timed ones."""
-    clients = {kind: Client(port) for kind, port in ports.items()}
+def measure_latency(ports: dict[str, int], body: bytes, requests: int, warmup: int = 20,
+                    fresh: bool = False) -> dict[str, dict]:
+    """Alternate one request to each server, `warmup` untimed rounds then `requests` timed ones
+    (`fresh`: each on a new connection)."""
+    clients = {kind: Client(port, fresh=fresh) for kind, port in ports.items()}
     seconds: dict[str, list[float]] = {kind: [] for kind in ports}
     predicted: dict[str, int] = {}
     for index in range(warmup + requests):
@@ -188,10 +198,12 @@ def measure_latency(ports: dict[str, int], body: bytes, requests: int, warmup: i
                 raise PipelineError(f"the {kind} server answered {status} to a valid request: {data[:300]!r}")
             if index >= warmup:
                 seconds[kind].append(elapsed)
-            predicted[kind] = int(np.argmax(json.loads(data)["predictions"][0]))
+            if kind != "floor":  # its answer is fixed
+                predicted[kind] = int(np.argmax(json.loads(data)["predictions"][0]))
     for client in clients.values():
         client.close()
-    return {kind: {**latency_summary(seconds[kind]), "predicted_digit": predicted[kind]} for kind in ports}
+    return {kind: {**latency_summary(seconds[kind]), **({"predicted_digit": predicted[kind]} if kind in predicted else {})}
+            for kind in ports}
 
 
 def measure_throughput(port: int, body: bytes, clients: int, seconds: float) -> dict:
@@ -264,9 +276,11 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
             log.info("starting the %s server for %s", kind, uri)
             servers[kind] = Server(kind, uri, env, log_storage)
             results[kind] = {"startup_s": round(servers[kind].wait_until_ready(startup_timeout_s), 2)}
-        log.info("one-image latency: %d requests per server, alternating", requests)
-        for kind, latency in measure_latency({k: s.port for k, s in servers.items()}, body, requests).items():
-            results[kind]["latency"] = latency
+        ports = {kind: server.port for kind, server in servers.items()}
+        for key, fresh in LATENCY_ROUNDS.items():
+            log.info("one-image latency (%s): %d requests per server, alternating", key, requests)
+            for kind, latency in measure_latency(ports, body, requests, fresh=fresh).items():
+                results[kind][key] = latency
         for clients in CLIENT_COUNTS:
             for kind in THROUGHPUT_SERVERS:
                 server = servers[kind]
@@ -278,7 +292,7 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
             results.setdefault(kind, {})["peak_rss_mib"] = round(server.peak_rss_mib, 1)
         scratch.cleanup()
     project, mlflow_, bare = results["project"], results["mlflow"], results["project_no_verdict"]
-    unlogged = results["project_no_log"]
+    unlogged, floor = results["project_no_log"], results["floor"]
     many = f"throughput_{CLIENT_COUNTS[-1]}_clients"
     return {
         "benchmark": "serve",
@@ -289,6 +303,9 @@ def run_serve_benchmark(model_name: str, image: np.ndarray, requests: int = 300,
         "servers": results,
         "ratios": {
             "mlflow_over_project_latency_p50": ratio(mlflow_["latency"]["p50_ms"], project["latency"]["p50_ms"]),
+            "project_over_floor_latency_p50": ratio(project["latency"]["p50_ms"], floor["latency"]["p50_ms"]),
+            "project_over_floor_new_connection_latency_p50": ratio(project["latency_new_connection"]["p50_ms"],
+                                                                   floor["latency_new_connection"]["p50_ms"]),
             "project_8_over_1_client_throughput": ratio(project[many]["requests_per_s"],
                                                         project["throughput_1_clients"]["requests_per_s"]),
             "project_over_mlflow_8_client_throughput": ratio(project[many]["requests_per_s"],
@@ -311,6 +328,8 @@ def serve_markdown(record: dict) -> str:
 
     rows = [row(f"One-image latency {p} (ms)", lambda s, p=p: number(s["latency"][f"{p}_ms"], ".2f"))
             for p in ("p50", "p95", "p99")]
+    rows.append(row("One-image latency p50, new connection each (ms)",
+                    lambda s: number(s["latency_new_connection"]["p50_ms"], ".2f")))
     for clients in record["settings"]["client_counts"]:
         key = f"throughput_{clients}_clients"
         rows.append(row(f"Throughput, {clients} client{'s' if clients > 1 else ''} (requests/s)",
@@ -327,6 +346,11 @@ def serve_markdown(record: dict) -> str:
         f"requests each, alternating; throughput over {settings['throughput_seconds']:g} s per row, keep-alive "
         f"connections. Latency p50: mlflow / project = {times(ratios['mlflow_over_project_latency_p50'])}; "
         f"project throughput, 8 clients / 1 client = {times(ratios['project_8_over_1_client_throughput'])}. "
+        f"The floor (`bench/floor.py`: the same HTTP stack and JSON decoding, no model, a fifth server in the same "
+        f"rounds): p50 {number(servers['floor']['latency']['p50_ms'], '.3f')} ms keep-alive, "
+        f"{number(servers['floor']['latency_new_connection']['p50_ms'], '.3f')} ms with a new connection; "
+        f"project / floor = {times(ratios['project_over_floor_latency_p50'])} keep-alive, "
+        f"{times(ratios['project_over_floor_new_connection_latency_p50'])} new connection. "
         f"The digit verdict: p50 {number(servers['project']['latency']['p50_ms'], '.3f')} ms on, "
         f"{number(servers['project_no_verdict']['latency']['p50_ms'], '.3f')} ms off (`--no-digit-verdict`, a third "
         f"server in the same rounds): {record['verdict_cost_p50_ms']:+.3f} ms, "

@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                                   threads=THREADS, max_request_body_size=MAX_UPLOAD_BYTES)
     except OSError as error:
         raise PipelineError(f"cannot listen on {args.host}:{args.port} ({error.strerror}); pass another --port") from None
+    from pipeline.serving.serve import freeze_startup_heap
+
+    freeze_startup_heap()  # as serve does
     print(f"serving on http://{args.host}:{args.port}/ (model {app.extensions['mnist_model'].uri}); Ctrl+C stops",
           flush=True)
     print(describe_log(prediction_log), flush=True)

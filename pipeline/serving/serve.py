@@ -170,6 +170,17 @@ class ConcurrencyLimit:
             self.in_flight -= 1
 
 
+def freeze_startup_heap() -> None:
+    """Collect once, then move every object alive now out of the garbage collector's sight
+    (`gc.freeze`). Both servers call it once their model is loaded: the libraries they imported
+    (MLflow, SQLAlchemy, NumPy: some 200,000 objects) are never traversed again, so the collections
+    that each request's JSON lists trigger stay small."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def mlflow_version() -> str:
     from importlib.metadata import version
 
@@ -265,6 +276,7 @@ def build_app(model: Any, max_bytes: int, max_images: int = DEFAULT_MAX_IMAGES,
         batcher.start()
         if hasattr(model, "start"):
             model.start()
+        freeze_startup_heap()
         yield
         if hasattr(model, "stop"):
             model.stop()

@@ -305,13 +305,19 @@ def test_serve_benchmark_of_a_registered_champion(tiny_params, tiny_model_path, 
     run_bench("serve", "--params", str(tiny_params), "--requests", "20", "--seconds", "1", out=tmp_path, env={"MLFLOW_TRACKING_URI": store})
     record = json.loads((tmp_path / "serve.json").read_text())
     assert record["model"] == {"uri": "models:/mnist-cnn/1", "name": "mnist-cnn", "version": "1"}
-    for kind in ("project", "mlflow", "project_no_verdict", "project_no_log"):
-        server = record["servers"][kind]
-        latency = server["latency"]
-        assert latency["requests"] == 20 and 0 < latency["min_ms"] <= latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
-        assert latency["predicted_digit"] == record["servers"]["project"]["latency"]["predicted_digit"]
+    from bench.serving import ratio
+
+    assert set(record["servers"]) == {"project", "mlflow", "project_no_verdict", "project_no_log", "floor"}
+    for kind, server in record["servers"].items():
+        for key in ("latency", "latency_new_connection"):  # keep-alive, and a new connection per request
+            latency = server[key]
+            assert latency["requests"] == 20 and 0 < latency["min_ms"] <= latency["p50_ms"] <= latency["p95_ms"] <= latency["p99_ms"]
+            if kind == "floor":  # no model: a fixed answer
+                assert "predicted_digit" not in latency
+            else:
+                assert latency["predicted_digit"] == record["servers"]["project"]["latency"]["predicted_digit"]
         assert server["peak_rss_mib"] > 0
-        if kind in ("project_no_verdict", "project_no_log"):  # latency rounds only
+        if kind in ("project_no_verdict", "project_no_log", "floor"):  # latency rounds only
             assert not any(key.startswith("throughput") for key in server)
             continue
         for clients in (1, 8):
@@ -321,6 +327,13 @@ def test_serve_benchmark_of_a_registered_champion(tiny_params, tiny_model_path, 
                                                   - record["servers"]["project_no_verdict"]["latency"]["p50_ms"], 3)
     assert record["log_cost_p50_ms"] == round(record["servers"]["project"]["latency"]["p50_ms"]
                                               - record["servers"]["project_no_log"]["latency"]["p50_ms"], 3)
+    servers = record["servers"]
+    assert record["ratios"]["project_over_floor_latency_p50"] == ratio(servers["project"]["latency"]["p50_ms"],
+                                                                       servers["floor"]["latency"]["p50_ms"])
+    assert record["ratios"]["project_over_floor_new_connection_latency_p50"] == ratio(
+        servers["project"]["latency_new_connection"]["p50_ms"], servers["floor"]["latency_new_connection"]["p50_ms"])
+    # a new connection per request costs its connect and close: the floor is slower than on keep-alive
+    assert servers["floor"]["latency_new_connection"]["min_ms"] > servers["floor"]["latency"]["min_ms"]
     assert (tmp_path / "serve.md").read_text() == serve_markdown(record) + "\n"
 
 

@@ -135,3 +135,24 @@ def test_every_preset_knob_is_used_by_some_preset_or_the_search_space():
     values = {name: {str(getattr(recipe, name)) for recipe in params.presets.values()} for name in Recipe.model_fields}
     for name, seen in values.items():
         assert len(seen) > 1 or name in params.tune.space, f"presets.*.{name} never varies: make it a constant"
+
+
+
+@pytest.mark.parametrize("override, removed, added", [
+    ("train.epochs=20", ["  epochs: 30"], ["  epochs: 20"]),
+    ("fetch.sources=[pypi]", ["  - local", "  - keras"], []),
+])
+def test_set_param_rewrites_only_the_value_it_sets(repo_root, tmp_path, override, removed, added):
+    """`dvc exp run -S key=value` (DVC's own `apply_overrides`) leaves every other line of params.yaml
+    as written: its lists are in the block style DVC writes back, comments where they were."""
+    import difflib
+
+    from dvc.utils.hydra import apply_overrides
+
+    params = tmp_path / "params.yaml"
+    params.write_text((repo_root / "params.yaml").read_text())
+    apply_overrides(str(params), [override])
+    diff = list(difflib.unified_diff((repo_root / "params.yaml").read_text().splitlines(),
+                                     params.read_text().splitlines(), lineterm="", n=0))[2:]
+    assert [line[1:] for line in diff if line.startswith("-")] == removed
+    assert [line[1:].split("  #")[0].rstrip() for line in diff if line.startswith("+")] == added

@@ -68,3 +68,49 @@ def test_a_body_longer_than_declared_is_still_counted():
                                                    ([(b"content-length", b"twelve")], None)])
 def test_declared_length(headers, expected):
     assert declared_length({"headers": headers}) == expected
+
+
+class ConstantModel:
+    """Ten equal probabilities per image; enough for the app's start-up and shut-down."""
+
+    version = "1"
+
+    def answer(self, pixels):
+        import numpy as np
+
+        from pipeline.serving.served import Answers
+
+        return Answers(np.full((len(pixels), 10), 0.1, np.float32), version=self.version)
+
+
+def test_serve_freezes_its_startup_heap_when_it_starts():
+    """Once started, the objects of start-up (libraries, the model) are out of the garbage collector's
+    sight (`gc.freeze`), so per-request collections do not traverse them."""
+    import gc
+
+    from pipeline.serving.serve import build_app
+
+    app = build_app(ConstantModel(), LIMIT)
+    gc.unfreeze()
+    frozen: list[int] = []
+
+    async def lifespan() -> None:
+        steps = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+        sent: list[str] = []
+
+        async def receive() -> dict:
+            if sent:  # started: look before shutting down
+                frozen.append(gc.get_freeze_count())
+            return next(steps)
+
+        async def send(message: dict) -> None:
+            sent.append(message["type"])
+
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, receive, send)
+        assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+    try:
+        asyncio.run(lifespan())
+    finally:
+        gc.unfreeze()
+    assert frozen and frozen[0] > 10_000  # pytest, NumPy and Starlette alone are far more objects
