@@ -352,7 +352,7 @@ def serve_markdown(record: dict) -> str:
         f"project / floor = {times(ratios['project_over_floor_latency_p50'])} keep-alive, "
         f"{times(ratios['project_over_floor_new_connection_latency_p50'])} new connection. "
         f"The digit verdict: p50 {number(servers['project']['latency']['p50_ms'], '.3f')} ms on, "
-        f"{number(servers['project_no_verdict']['latency']['p50_ms'], '.3f')} ms off (`--no-digit-verdict`, a third "
+        f"{number(servers['project_no_verdict']['latency']['p50_ms'], '.3f')} ms off (`--no-digit-verdict`, another "
         f"server in the same rounds): {record['verdict_cost_p50_ms']:+.3f} ms, "
         f"{times(ratios['verdict_on_over_off_latency_p50'])}. "
         f"The prediction log: p50 {number(servers['project_no_log']['latency']['p50_ms'], '.3f')} ms with `--no-log`, "
