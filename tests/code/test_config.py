@@ -137,7 +137,6 @@ def test_every_preset_knob_is_used_by_some_preset_or_the_search_space():
         assert len(seen) > 1 or name in params.tune.space, f"presets.*.{name} never varies: make it a constant"
 
 
-
 @pytest.mark.parametrize("override, removed, added", [
     ("train.epochs=20", ["  epochs: 30"], ["  epochs: 20"]),
     ("fetch.sources=[pypi]", ["  - local", "  - keras"], []),
